@@ -1,0 +1,281 @@
+"""The one place where every stage's tensor names, shapes and dtypes are declared.
+
+Shared by export (graph I/O names, dynamic axes), the runtime (zero states, input checks) and the
+tests. No torch here: the runtime imports this module.
+
+Conventions (DESIGN §4):
+- batch is axis 0 of every tensor and the only dynamic axis (written ``"B"`` in shapes);
+- the main input is ``x``, the main output ``y``; a state ``s`` is an input ``s`` and an output
+  ``next_s`` of the same shape and dtype; a *context* input is state owned by another stage that
+  this stage only reads (e.g. the MT decoder reads the cross-attention cache kept by ``mt_source``);
+- counters are int32 ``[B]``; per-layer caches are stacked ``[B, layers, slots, dim]``;
+- a state with zero capacity (memory off, no left context) is left out, never zero-length.
+
+Every builder takes the model config as a plain dict (``EchoStreamConfig.to_dict()`` or the
+``config`` of ``manifest.json``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+BATCH = "B"
+FLOAT32 = "float32"
+INT32 = "int32"
+
+STAGE_NAMES = (
+    "encoder",
+    "st_ctc",
+    "mt_source",
+    "mt_decoder",
+    "unit_decoder",
+    "duration",
+    "vocoder",
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor: shape entries are ints or ``"B"`` (the dynamic batch axis)."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = FLOAT32
+
+    def concrete_shape(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == BATCH else int(d) for d in self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+
+
+@dataclass(frozen=True)
+class StageContract:
+    """I/O of one stage graph, in graph order.
+
+    ``inputs`` = data inputs, then context inputs, then states; ``outputs`` = data outputs, then
+    ``next_<state>`` for every state, in the same order as the state inputs.
+    """
+
+    stage: str
+    data_inputs: tuple[TensorSpec, ...]
+    data_outputs: tuple[TensorSpec, ...]
+    states: tuple[TensorSpec, ...] = ()
+    context: tuple[TensorSpec, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.data_inputs + self.context + self.states
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.data_outputs + tuple(
+            TensorSpec(next_name(s.name), s.shape, s.dtype) for s in self.states
+        )
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def state_names(self) -> list[str]:
+        return [t.name for t in self.states]
+
+    def spec(self, name: str) -> TensorSpec:
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"stage {self.stage!r} has no tensor {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "data_inputs": [t.to_dict() for t in self.data_inputs],
+            "data_outputs": [t.to_dict() for t in self.data_outputs],
+            "states": [t.to_dict() for t in self.states],
+            "context": [t.to_dict() for t in self.context],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StageContract":
+        def specs(key: str) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec.from_dict(t) for t in d.get(key, []))
+
+        return cls(d["stage"], specs("data_inputs"), specs("data_outputs"), specs("states"),
+                   specs("context"))
+
+
+def next_name(state: str) -> str:
+    return f"next_{state}"
+
+
+# ---- derived sizes (shared with the runtime) --------------------------------------------------
+
+
+def encoder_window_frames(cfg: dict[str, Any]) -> int:
+    """Fbank frames read per encoder step: 4(S+R)+3 (two 3x3 stride-2 convs, no time padding)."""
+    enc = cfg["encoder"]
+    return 4 * (enc["segment_length"] + enc["right_context"]) + 3
+
+
+def encoder_hop_frames(cfg: dict[str, Any]) -> int:
+    """Fbank frames the encoder window advances per step: 4S."""
+    return 4 * cfg["encoder"]["segment_length"]
+
+
+# ---- per-stage contracts ----------------------------------------------------------------------
+
+
+def encoder_contract(cfg: dict[str, Any]) -> StageContract:
+    enc, ctc = cfg["encoder"], cfg["ctc"]
+    if enc["kind"] != "emformer":
+        raise ValueError(f"only the Emformer encoder streams as a stage graph; got kind {enc['kind']!r}")
+    layers, d = enc["num_layers"], enc["d_model"]
+    S = enc["segment_length"]
+    states = []
+    if enc["memory_size"] > 0:
+        states.append(TensorSpec("memory", (BATCH, layers, enc["memory_size"], d)))
+    if enc["left_context"] > 0:
+        states.append(TensorSpec("left_keys", (BATCH, layers, enc["left_context"], d)))
+        states.append(TensorSpec("left_values", (BATCH, layers, enc["left_context"], d)))
+    states.append(TensorSpec("processed_segments", (BATCH,), INT32))
+    return StageContract(
+        "encoder",
+        data_inputs=(TensorSpec("x", (BATCH, encoder_window_frames(cfg), enc["input_dim"])),),
+        data_outputs=(
+            TensorSpec("y", (BATCH, S, d)),
+            TensorSpec("asr_log_probs", (BATCH, S, ctc["src_vocab_size"])),
+        ),
+        states=tuple(states),
+    )
+
+
+def st_ctc_contract(cfg: dict[str, Any]) -> StageContract:
+    enc, ctc = cfg["encoder"], cfg["ctc"]
+    S, d = enc["segment_length"], enc["d_model"]
+    states = []
+    if ctc["st_layers"] > 0:
+        shape = (BATCH, ctc["st_layers"], ctc["st_left_context"], d)
+        states = [TensorSpec("keys", shape), TensorSpec("values", shape),
+                  TensorSpec("processed_frames", (BATCH,), INT32)]
+    return StageContract(
+        "st_ctc",
+        data_inputs=(TensorSpec("x", (BATCH, S, d)),),
+        data_outputs=(TensorSpec("y", (BATCH, S, ctc["tgt_vocab_size"])),),
+        states=tuple(states),
+    )
+
+
+def _cross_cache(cfg: dict[str, Any]) -> tuple[TensorSpec, ...]:
+    mt = cfg["mt"]
+    shape = (BATCH, mt["num_layers"], mt["max_source_frames"], mt["d_model"])
+    return (TensorSpec("cross_keys", shape), TensorSpec("cross_values", shape),
+            TensorSpec("source_frames", (BATCH,), INT32))
+
+
+def mt_source_contract(cfg: dict[str, Any]) -> StageContract:
+    """Projects new encoder frames to every MT layer's cross-attention K/V and appends them."""
+    enc = cfg["encoder"]
+    return StageContract(
+        "mt_source",
+        data_inputs=(TensorSpec("x", (BATCH, enc["segment_length"], enc["d_model"])),),
+        data_outputs=(),
+        states=_cross_cache(cfg),
+    )
+
+
+def mt_decoder_contract(cfg: dict[str, Any]) -> StageContract:
+    """One target token in -> next-token log-probs and the final hidden state (D_text) out."""
+    mt, ctc = cfg["mt"], cfg["ctc"]
+    shape = (BATCH, mt["num_layers"], mt["max_target_tokens"], mt["d_model"])
+    return StageContract(
+        "mt_decoder",
+        data_inputs=(TensorSpec("x", (BATCH,), INT32),),
+        data_outputs=(
+            TensorSpec("y", (BATCH, ctc["tgt_vocab_size"])),
+            TensorSpec("hidden", (BATCH, mt["d_model"])),
+        ),
+        context=_cross_cache(cfg),
+        states=(TensorSpec("self_keys", shape), TensorSpec("self_values", shape),
+                TensorSpec("target_positions", (BATCH,), INT32)),
+    )
+
+
+def unit_decoder_contract(cfg: dict[str, Any]) -> StageContract:
+    """One committed text state in -> `upsample` unit-CTC frames (log-probs) out."""
+    u, mt = cfg["unit"], cfg["mt"]
+    t2u = (BATCH, u["t2u_layers"], u["text_context"], u["d_model"])
+    cross = (BATCH, u["num_layers"], u["text_context"], u["d_model"])
+    own = (BATCH, u["num_layers"], u["unit_context"], u["d_model"])
+    return StageContract(
+        "unit_decoder",
+        data_inputs=(TensorSpec("x", (BATCH, mt["d_model"])),),
+        data_outputs=(TensorSpec("y", (BATCH, u["upsample"], u["num_classes"])),),
+        states=(
+            TensorSpec("t2u_keys", t2u), TensorSpec("t2u_values", t2u),
+            TensorSpec("cross_keys", cross), TensorSpec("cross_values", cross),
+            TensorSpec("unit_keys", own), TensorSpec("unit_values", own),
+            TensorSpec("text_positions", (BATCH,), INT32),
+        ),
+    )
+
+
+def duration_contract(cfg: dict[str, Any]) -> StageContract:
+    """Unit ids (-1 = no unit) -> predicted log-durations, over a fixed window of units."""
+    w = cfg["vocoder"]["duration_window"]
+    return StageContract(
+        "duration",
+        data_inputs=(TensorSpec("x", (BATCH, w), INT32),),
+        data_outputs=(TensorSpec("y", (BATCH, w)),),
+    )
+
+
+def vocoder_window_frames(cfg: dict[str, Any]) -> int:
+    v = cfg["vocoder"]
+    return v["window_left"] + v["window_chunk"] + v["window_right"]
+
+
+def vocoder_contract(cfg: dict[str, Any]) -> StageContract:
+    """Expanded unit frames (-1 = no frame) -> waveform, over a fixed window of frames."""
+    v = cfg["vocoder"]
+    hop = 1
+    for r in v["upsample_rates"]:
+        hop *= r
+    w = vocoder_window_frames(cfg)
+    return StageContract(
+        "vocoder",
+        data_inputs=(TensorSpec("x", (BATCH, w), INT32),),
+        data_outputs=(TensorSpec("y", (BATCH, w * hop)),),
+    )
+
+
+CONTRACT_BUILDERS: dict[str, Callable[[dict[str, Any]], StageContract]] = {
+    "encoder": encoder_contract,
+    "st_ctc": st_ctc_contract,
+    "mt_source": mt_source_contract,
+    "mt_decoder": mt_decoder_contract,
+    "unit_decoder": unit_decoder_contract,
+    "duration": duration_contract,
+    "vocoder": vocoder_contract,
+}
+
+
+def stage_contract(stage: str, cfg: dict[str, Any]) -> StageContract:
+    try:
+        builder = CONTRACT_BUILDERS[stage]
+    except KeyError:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_NAMES)}") from None
+    return builder(cfg)
+
+
+def all_contracts(cfg: dict[str, Any]) -> dict[str, StageContract]:
+    return {name: stage_contract(name, cfg) for name in STAGE_NAMES}

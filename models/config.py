@@ -1,0 +1,248 @@
+"""Model configuration: dataclass presets, JSON round-trippable, no torch.
+
+Three presets (DESIGN §3):
+- ``echostream``: the seed — Conv2D 4x subsampling + 16-layer Emformer, 2-layer ST CTC,
+  4-layer MT decoder, 2-layer T2U + 6-layer unit decoder, CodeHiFiGAN.
+- ``streamspeech``: the released StreamSpeech dims (12-layer chunk Conformer, Conv1d subsampling,
+  linear ST CTC, 2+2 unit layers) — the baseline.
+- ``tiny``: the same structure with tiny dims, for fast tests.
+
+The runtime never imports this module: it reads the same fields from ``manifest.json`` as a plain
+dict (``dataclasses.asdict`` of :class:`EchoStreamConfig`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class FeatureConfig:
+    """Kaldi fbank front end (as StreamSpeech: samples scaled to the int16 range)."""
+
+    sample_rate: int = 16000
+    num_mel_bins: int = 80
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+
+
+@dataclass
+class EncoderConfig:
+    """Subsampling + streaming encoder. Frames after subsampling are 40 ms."""
+
+    kind: str = "emformer"  # "emformer" | "conformer" (StreamSpeech baseline)
+    input_dim: int = 80
+    d_model: int = 256
+    num_layers: int = 16
+    num_heads: int = 4
+    ffn_dim: int = 2048
+    activation: str = "relu"  # Emformer FFN activation (torchaudio default)
+    subsampling: str = "conv2d"  # "conv2d" (two 3x3 stride-2) | "conv1d" (StreamSpeech)
+    subsampling_channels: int = 256  # conv2d: conv channels; conv1d: first conv channels (1024)
+    segment_length: int = 8  # encoder frames per segment (8 x 40 ms = 320 ms)
+    right_context: int = 2  # look-ahead frames, hard-copied per layer (Emformer)
+    left_context: int = 32  # cached left-context key/value frames per layer
+    memory_size: int = 4  # memory-bank slots per layer (0 = off)
+    tanh_on_mem: bool = False  # False: clamp new memory to [-10, 10]
+    # Conformer baseline only.
+    depthwise_kernel: int = 31
+    chunk_size: int = 8
+
+
+@dataclass
+class CTCConfig:
+    """ASR CTC head (linear) and ST CTC head (`CTCDecoderWithTransformerLayer`)."""
+
+    src_vocab_size: int = 6000
+    tgt_vocab_size: int = 6000
+    blank: int = 0  # fairseq <s> slot, as StreamSpeech
+    st_layers: int = 2  # 0 = plain linear ST CTC head (released StreamSpeech)
+    st_num_heads: int = 4
+    st_ffn_dim: int = 2048
+    st_left_context: int = 32  # cached key/value frames per ST layer
+
+
+@dataclass
+class MTDecoderConfig:
+    """Autoregressive MT decoder with fixed-capacity self- and cross-attention caches."""
+
+    num_layers: int = 4
+    d_model: int = 512
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    max_target_tokens: int = 128  # self-attention cache capacity (tokens)
+    max_source_frames: int = 750  # cross-attention cache capacity (40 ms frames: 30 s)
+    bos: int = 0
+    pad: int = 1
+    eos: int = 2
+    unk: int = 3
+
+
+@dataclass
+class UnitDecoderConfig:
+    """T2U encoder (causal) + CTC unit decoder over each text state repeated `upsample` times."""
+
+    t2u_layers: int = 2
+    num_layers: int = 6
+    d_model: int = 512
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    upsample: int = 25
+    num_classes: int = 1005  # 4 fairseq specials + 1000 units + blank
+    blank: int = 1004
+    unit_offset: int = 4  # class index of unit 0
+    text_context: int = 64  # T2U self-attn and unit cross-attn capacity (text states)
+    unit_context: int = 400  # unit self-attn capacity (upsampled positions)
+
+
+@dataclass
+class VocoderConfig:
+    """CodeHiFiGAN (fairseq `CodeGenerator`) with a duration predictor."""
+
+    num_units: int = 1000
+    embedding_dim: int = 128
+    upsample_initial_channel: int = 512
+    upsample_rates: list[int] = field(default_factory=lambda: [5, 4, 4, 2, 2])
+    upsample_kernel_sizes: list[int] = field(default_factory=lambda: [11, 8, 8, 4, 4])
+    resblock_kernel_sizes: list[int] = field(default_factory=lambda: [3, 7, 11])
+    resblock_dilation_sizes: list[list[int]] = field(
+        default_factory=lambda: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    )
+    duration_hidden: int = 128
+    duration_kernel: int = 3
+    # Streaming windows (unit frames / units), used by the exported graphs and the runtime.
+    window_left: int = 8  # context frames before the emitted chunk
+    window_chunk: int = 16  # frames emitted per vocoder call
+    window_right: int = 4  # look-ahead frames after the chunk
+    duration_window: int = 32  # units per duration-predictor call
+
+    @property
+    def hop_length(self) -> int:
+        hop = 1
+        for r in self.upsample_rates:
+            hop *= r
+        return hop
+
+
+@dataclass
+class EchoStreamConfig:
+    name: str = "echostream"
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    ctc: CTCConfig = field(default_factory=CTCConfig)
+    mt: MTDecoderConfig = field(default_factory=MTDecoderConfig)
+    unit: UnitDecoderConfig = field(default_factory=UnitDecoderConfig)
+    vocoder: VocoderConfig = field(default_factory=VocoderConfig)
+    seed: int = 0
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EchoStreamConfig":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in sections:
+                raise ValueError(f"unknown config key {key!r}; expected one of {sorted(sections)}")
+            sub = _SECTION_TYPES.get(key)
+            kwargs[key] = _build(sub, value, key) if sub else value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EchoStreamConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EchoStreamConfig":
+        return cls.from_json(Path(path).read_text())
+
+
+_SECTION_TYPES = {
+    "features": FeatureConfig,
+    "encoder": EncoderConfig,
+    "ctc": CTCConfig,
+    "mt": MTDecoderConfig,
+    "unit": UnitDecoderConfig,
+    "vocoder": VocoderConfig,
+}
+
+
+def _build(cls, value: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(value) - names
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in config section {where!r}")
+    return cls(**value)
+
+
+# ---- presets -------------------------------------------------------------------------------
+
+
+def echostream_preset() -> EchoStreamConfig:
+    return EchoStreamConfig(name="echostream")
+
+
+def streamspeech_preset() -> EchoStreamConfig:
+    """The released StreamSpeech dims (streamspeech-facts.md §1-§7)."""
+    return EchoStreamConfig(
+        name="streamspeech",
+        encoder=EncoderConfig(
+            kind="conformer",
+            num_layers=12,
+            activation="swish",
+            subsampling="conv1d",
+            subsampling_channels=1024,
+            right_context=0,
+            left_context=0,
+            memory_size=0,
+            depthwise_kernel=31,
+            chunk_size=8,
+        ),
+        ctc=CTCConfig(st_layers=0),
+        unit=UnitDecoderConfig(t2u_layers=2, num_layers=2),
+    )
+
+
+def tiny_preset() -> EchoStreamConfig:
+    return EchoStreamConfig(
+        name="tiny",
+        encoder=EncoderConfig(
+            d_model=32, num_layers=2, num_heads=2, ffn_dim=64, subsampling_channels=8,
+            segment_length=4, right_context=1, left_context=8, memory_size=2,
+            depthwise_kernel=7, chunk_size=4,
+        ),
+        ctc=CTCConfig(src_vocab_size=64, tgt_vocab_size=64, st_layers=2, st_num_heads=2,
+                      st_ffn_dim=64, st_left_context=8),
+        mt=MTDecoderConfig(num_layers=2, d_model=32, num_heads=2, ffn_dim=64,
+                           max_target_tokens=32, max_source_frames=64),
+        unit=UnitDecoderConfig(t2u_layers=1, num_layers=2, d_model=32, num_heads=2, ffn_dim=64,
+                               text_context=16, unit_context=100),
+        vocoder=VocoderConfig(embedding_dim=16, upsample_initial_channel=32,
+                              resblock_kernel_sizes=[3, 5], resblock_dilation_sizes=[[1, 3], [1, 3]],
+                              duration_hidden=16),
+    )
+
+
+PRESETS = {
+    "echostream": echostream_preset,
+    "streamspeech": streamspeech_preset,
+    "tiny": tiny_preset,
+}
+
+
+def get_preset(name: str) -> EchoStreamConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None
