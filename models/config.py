@@ -114,10 +114,13 @@ class VocoderConfig:
     duration_hidden: int = 128
     duration_kernel: int = 3
     # Streaming windows (unit frames / units), used by the exported graphs and the runtime.
-    window_left: int = 8  # context frames before the emitted chunk
-    window_chunk: int = 16  # frames emitted per vocoder call
-    window_right: int = 4  # look-ahead frames after the chunk
-    duration_window: int = 32  # units per duration-predictor call
+    # window_left/right = the generator's receptive field (21 frames each side for these dims,
+    # `vocoder.receptive_field`), so streamed audio equals whole-utterance synthesis; a smaller
+    # window_right trades that exactness for latency.
+    window_left: int = 21  # context frames before the emitted chunk
+    window_chunk: int = 16  # frames emitted per vocoder call (320 ms)
+    window_right: int = 21  # look-ahead frames after the chunk
+    duration_window: int = 32  # units per duration-predictor call (2 context units each side)
 
     @property
     def hop_length(self) -> int:
@@ -230,7 +233,8 @@ def tiny_preset() -> EchoStreamConfig:
                                text_context=16, unit_context=100),
         vocoder=VocoderConfig(embedding_dim=16, upsample_initial_channel=32,
                               resblock_kernel_sizes=[3, 5], resblock_dilation_sizes=[[1, 3], [1, 3]],
-                              duration_hidden=16),
+                              duration_hidden=16, window_left=8, window_chunk=4, window_right=8,
+                              duration_window=8),
     )
 
 

@@ -59,3 +59,48 @@ class Stage(ABC):
 def zero_host_state(contract: StageContract, batch: int) -> dict[str, np.ndarray]:
     """Host zero state built from the contract (shared by the host backends)."""
     return {s.name: np.zeros(s.concrete_shape(batch), dtype=s.dtype) for s in contract.states}
+
+
+def check_host_feed(
+    contract: StageContract,
+    inputs: Mapping[str, np.ndarray],
+    state: Mapping[str, np.ndarray] | None = None,
+    context: Mapping[str, np.ndarray] | None = None,
+) -> int:
+    """Check a host feed against the contract before it reaches a backend; returns the batch size.
+
+    Every group (data inputs, context, state) must carry exactly the contract's names; every array
+    must have the contract's dtype and shape with one batch size shared by all of them.
+
+    Raises:
+        ValueError naming the stage and tensor, expected vs got.
+    """
+    groups = (("inputs", contract.data_inputs, inputs), ("context", contract.context, context),
+              ("state", contract.states, state))
+    batch = None
+    for group, specs, given in groups:
+        given = given or {}
+        want = [s.name for s in specs]
+        if sorted(given) != sorted(want):
+            raise ValueError(f"{contract.stage}: {group} names expected {want}, got {sorted(given)}")
+        for spec in specs:
+            arr = given[spec.name]
+            if not isinstance(arr, np.ndarray):
+                raise ValueError(
+                    f"{contract.stage}: {spec.name} must be a numpy array, got {type(arr).__name__}"
+                )
+            if arr.dtype != np.dtype(spec.dtype):
+                raise ValueError(
+                    f"{contract.stage}: {spec.name} dtype expected {spec.dtype}, got {arr.dtype}"
+                )
+            if batch is None and arr.ndim > 0:
+                batch = int(arr.shape[0])
+            expected = spec.concrete_shape(batch if batch is not None else 1)
+            if tuple(arr.shape) != expected:
+                raise ValueError(
+                    f"{contract.stage}: {spec.name} shape expected {list(expected)} (B={batch}), "
+                    f"got {list(arr.shape)}"
+                )
+    if batch is None or batch < 1:
+        raise ValueError(f"{contract.stage}: batch size expected >= 1, got {batch}")
+    return batch

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up EchoStream on a fresh machine (CPU): torch (CPU build), the package with its extras,
+# and espeak-ng (real speech for the demo and the real-speech tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q -e ".[torch,cpu,dev]"
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null) \
+      || echo "setup: espeak-ng could not be installed; real-speech tests will be skipped" >&2
+  fi
+fi
+python3 -c "import echostream.models, echostream.runtime; print('echostream ready')"
