@@ -94,11 +94,6 @@ def check_input(where: str, name: str, x: Tensor, shape: tuple[int | None, ...],
                              f"got {x.dtype}")
 
 
-def is_exporting() -> bool:
-    """True while torch.export / dynamo traces: data-dependent eager checks must be skipped."""
-    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
-
-
 # ---- layers -------------------------------------------------------------------------------------
 
 

@@ -164,6 +164,24 @@ def test_encoder_padding_mask_matches_unpadded_source():
     torch.testing.assert_close(lp[1:], alone, atol=ATOL, rtol=0)
 
 
+def test_no_source_yet_reads_only_the_newest_slot():
+    # source_frames == 0: no row may be fully masked, so the (zero) newest slot is attended and
+    # the rest of the cache, whatever it holds, is ignored.
+    model = make(max_source_frames=6)
+    empty = model.initial_source_state(2)
+    garbage = dict(empty, cross_keys=torch.randn_like(empty["cross_keys"]),
+                   cross_values=torch.randn_like(empty["cross_values"]))
+    garbage["cross_keys"][:, :, -1] = 0.0
+    garbage["cross_values"][:, :, -1] = 0.0
+    tokens = torch.full((2,), 2, dtype=torch.int32)
+    with torch.no_grad():
+        (lp, h), _ = model.step(tokens, empty, model.initial_state(2))
+        (lp2, h2), _ = model.step(tokens, garbage, model.initial_state(2))
+    assert torch.isfinite(lp).all()
+    torch.testing.assert_close(lp, lp2)
+    torch.testing.assert_close(h, h2)
+
+
 def test_bad_input_is_refused():
     model = make()
     ctx = model.source_step(torch.randn(2, 3, E), model.initial_source_state(2))
@@ -172,8 +190,6 @@ def test_bad_input_is_refused():
         model.step(torch.zeros(2, dtype=torch.int64), ctx, state)
     with pytest.raises(ValueError, match=r"tokens shape expected \[\*\]"):
         model.step(torch.zeros(2, 1, dtype=torch.int32), ctx, state)
-    with pytest.raises(ValueError, match="source_frames expected >= 1"):
-        model.step(torch.zeros(2, dtype=torch.int32), model.initial_source_state(2), state)
     with pytest.raises(ValueError, match="state names expected"):
         model.step(torch.zeros(2, dtype=torch.int32), {"cross_keys": ctx["cross_keys"]}, state)
     with pytest.raises(ValueError, match=r"x shape expected \[\*, \*, 16\]"):

@@ -94,6 +94,8 @@ class OrtCudaStage(OrtStage):
         for spec in self.contract.data_outputs:
             binding.bind_output(spec.name, "cpu")  # copied to the host by ORT, nothing else is
         if self.contract.states:
+            if isinstance(state, Mapping):
+                state = self.state_from_host(state)  # a host state (parity runs) is uploaded once
             if not isinstance(state, OrtDeviceState) or state.batch != batch:
                 got = f"batch {state.batch}" if isinstance(state, OrtDeviceState) else type(state).__name__
                 raise ValueError(f"{self.name}: state expected an OrtDeviceState of batch {batch} "

@@ -38,8 +38,8 @@ def durations_from_log(log_dur: np.ndarray) -> np.ndarray:
 
 
 def _tail(values: np.ndarray, n: int) -> np.ndarray:
-    """The last ``n`` entries (none for n == 0; ``values[-0:]`` would be all of them)."""
-    return values[len(values) - n:] if n > 0 else values[:0]
+    """The last ``n`` entries, or all if fewer (``values[-n:]`` would be wrong for n == 0)."""
+    return values[max(len(values) - n, 0):]
 
 
 def _window(left: np.ndarray, body: np.ndarray, left_width: int, width: int) -> np.ndarray:

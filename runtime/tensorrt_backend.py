@@ -346,13 +346,16 @@ class TrtStage(Stage):
 
         Args:
             inputs: data inputs as host arrays.
-            state: this stage's :class:`TrtState` (consumed, see the class docstring).
+            state: this stage's :class:`TrtState` (consumed, see the class docstring), or host
+                arrays keyed by state name, uploaded first.
             context: the state of the stage this one reads (a :class:`TrtState` on the same
                 device, bound by pointer) or host arrays (uploaded each call).
         Returns:
             (data outputs as host arrays, the next state or None).
         """
         batch = check_host_feed(dataclasses.replace(self.contract, context=(), states=()), inputs)
+        if self.contract.states and isinstance(state, Mapping):
+            state = self.state_from_host(state)  # a host state (parity runs) is uploaded once
         self._check_batch(batch, state)
         addresses = {}
         for spec in self.contract.data_inputs:

@@ -153,7 +153,6 @@ class TranslationRun:
             "precision": args.precision, "segment_ms": args.segment_ms,
             "asr_text": end.asr_text if end else "",
             "translation_text": end.translation_text if end else "",
-            "translation_ids": list(end.translation_ids) if end else [],
             "speech": {"file": args.out, "sample_rate": self.sample_rate,
                        "num_samples": int(sum(len(e.samples) for e, _ in self.of_kind("speech"))),
                        "timeline": bool(args.timeline)},

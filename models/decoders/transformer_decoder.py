@@ -28,7 +28,6 @@ from echostream.models.transformer_layer import (
     TransformerDecoderLayer,
     band_allowed,
     check_input,
-    is_exporting,
     window_allowed,
 )
 
@@ -209,6 +208,17 @@ class TransformerMTDecoder(nn.Module):
             "source_frames": state["source_frames"] + x.shape[1],
         }
 
+    def _cross_allowed(self, source_frames: Tensor) -> Tensor:
+        """``[B]`` int32 -> bool ``[B, 1, F]`` over the cross cache's valid slots.
+
+        The newest slot is always allowed so no row is fully masked (DESIGN §4): with
+        ``source_frames >= 1`` it is valid anyway; with 0 (no source yet, which the runtime never
+        decodes) it holds the zero state, a defined but meaningless input.
+        """
+        F = self.max_source_frames
+        newest = torch.tensor([j == F - 1 for j in range(F)], device=source_frames.device)
+        return (right_aligned_valid(source_frames, F) | newest).unsqueeze(1)
+
     def step(self, tokens: Tensor, context: dict[str, Tensor], state: dict[str, Tensor]
              ) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
         """Stage ``mt_decoder``: one token per stream.
@@ -216,7 +226,7 @@ class TransformerMTDecoder(nn.Module):
         Args:
             tokens: ``[B]`` int32, the previous token (``</s>`` first).
             context: ``mt_source``'s state (``cross_keys``, ``cross_values``, ``source_frames``);
-                every stream must have ``source_frames >= 1``.
+                decode a stream only once it has ``source_frames >= 1``.
             state: ``self_keys``/``self_values`` ``[B, layers, C, D]`` (``C = max_target_tokens``),
                 ``target_positions`` ``[B]`` int32 (tokens fed so far).
         Returns:
@@ -226,14 +236,10 @@ class TransformerMTDecoder(nn.Module):
         B = tokens.shape[0]
         check_state(self.source_contract, context, B)
         check_state(self.contract, state, B)
-        frames = context["source_frames"]
-        if not is_exporting() and bool((frames < 1).any()):
-            raise ValueError(f"mt_decoder: source_frames expected >= 1 per stream (append source "
-                             f"with source_step first), got {frames.tolist()}")
         count = state["target_positions"]
         x = self._embed(tokens.unsqueeze(1), count.unsqueeze(1))  # [B, 1, D]
         self_allowed = window_allowed(count, self.max_target_tokens, 1)  # [B, 1, C+1]
-        cross_allowed = right_aligned_valid(frames, self.max_source_frames).unsqueeze(1)  # [B,1,F]
+        cross_allowed = self._cross_allowed(context["source_frames"])  # [B, 1, F]
         next_keys, next_values = [], []
         for i, layer in enumerate(self.layers):
             past_k, past_v = state["self_keys"][:, i], state["self_values"][:, i]
