@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shutil
 import sys
 import tempfile
@@ -69,18 +70,19 @@ def export_artifacts(out: str | Path | None = None, *, preset: str | None = None
         EchoStreamError (one line: the stage and the cause) on any failure; nothing is left behind.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    model, source = _resolve_model(preset, checkpoint, model)
-    cfg = model.cfg
-    stages = _resolve_stages(cfg, stages, log)
     if precision not in ("fp32", "fp16"):
         raise EchoStreamError(f"precision expected 'fp32' or 'fp16', got {precision!r}")
+    cfg, build, source = _resolve_source(preset, checkpoint, model)
+    stages = _resolve_stages(cfg, stages, log)
     make_fp16 = _fp16_converter() if precision == "fp16" else None
     out = Path(out) if out is not None else Path("engines") / cfg.name
     _check_out(out, force)
+    model = build()  # after the cheap checks: a full-size model takes seconds to build
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         manifest = _write_folder(tmp, model, stages, make_fp16, source, progress, log)
+        _publish_permissions(tmp)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -133,12 +135,12 @@ def _write_folder(root: Path, model, stages: list[str], make_fp16, source: dict[
 # ---- inputs ------------------------------------------------------------------------------------
 
 
-def _resolve_model(preset, checkpoint, model):
-    given = [x is not None for x in (preset, checkpoint, model)]
-    if sum(given) != 1:
+def _resolve_source(preset, checkpoint, model):
+    """-> (config, a callable building the model, source description for the manifest)."""
+    if sum(x is not None for x in (preset, checkpoint, model)) != 1:
         raise EchoStreamError("give exactly one of --preset or --checkpoint")
     if model is not None:
-        return model.eval(), {"kind": "model", "ref": model.cfg.name}
+        return model.cfg, model.eval, {"kind": "model", "ref": model.cfg.name}
     from echostream.models.config import get_preset
     from echostream.models.weights import build_model, load_checkpoint
 
@@ -147,12 +149,13 @@ def _resolve_model(preset, checkpoint, model):
             cfg = get_preset(preset)
         except ValueError as exc:
             raise EchoStreamError(str(exc)) from None
-        return build_model(cfg), {"kind": "preset", "ref": f"{preset} (seed {cfg.seed})"}
+        return cfg, lambda: build_model(cfg), {"kind": "preset", "ref": f"{preset} (seed {cfg.seed})"}
     try:
-        model, _ = load_checkpoint(checkpoint)
+        loaded, cfg = load_checkpoint(checkpoint)
     except ValueError as exc:
         raise EchoStreamError(f"cannot load checkpoint: {exc}") from None
-    return model, {"kind": "checkpoint", "ref": str(checkpoint), "dir": Path(checkpoint)}
+    source_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    return cfg, lambda: loaded, {"kind": "checkpoint", "ref": str(checkpoint), "dir": source_dir}
 
 
 def _resolve_stages(cfg, stages: Iterable[str] | None, log) -> list[str]:
@@ -187,6 +190,16 @@ def _check_out(out: Path, force: bool) -> None:
         raise EchoStreamError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise EchoStreamError(f"output folder {out} exists and is not empty; pass --force to replace it")
+
+
+def _publish_permissions(root: Path) -> None:
+    """mkdtemp makes a 0700 folder (and some writers 0600 files); give the finished folder the
+    permissions an ordinary ``mkdir``/``open`` would have under the user's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _replace(tmp: Path, out: Path) -> None:

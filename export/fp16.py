@@ -7,7 +7,8 @@ compute in fp16, with fp32 islands where fp16 loses accuracy, and an unchanged I
 - kept fp32: attention softmax together with the score MatMul, scaling and mask Add feeding it
   (scores of long contexts overflow or lose the small differences softmax amplifies; the mask fill
   must stay exact), LayerNormalization (variance of 512-d rows), LogSoftmax (CTC / next-token
-  log-probs are compared by argmax and summed over time);
+  log-probs are compared by argmax and summed over time), sinusoidal position angles (Sin/Cos and
+  the ``position * frequency`` arithmetic feeding them: fp16 cannot resolve large angles);
 - every graph input and output stays fp32 (states included), with Casts at the boundaries, so the
   runtime, the contract and the manifest do not change with precision.
 
@@ -29,9 +30,12 @@ import numpy as np
 from echostream.contract import StageContract
 from echostream.errors import ArtifactError
 
-DEFAULT_KEEP_FP32_OPS = ("Softmax", "LogSoftmax", "LayerNormalization")
-# Elementwise ops between an attention score MatMul and its Softmax (scale, mask add, bias).
-_SCORE_PATH_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Neg"}
+DEFAULT_KEEP_FP32_OPS = ("Softmax", "LogSoftmax", "LayerNormalization", "Sin", "Cos")
+# Sinks whose inputs are computed in fp32 too: op -> (ops walked through, ops kept but not passed).
+_SCORE_PATH = ({"Add", "Sub", "Mul", "Div", "Where", "Neg"}, {"MatMul"})
+_ANGLE_PATH = ({"Add", "Sub", "Mul", "Div", "Neg", "Unsqueeze", "Reshape", "Expand", "Transpose",
+                "Concat"}, {"Cast"})
+_ISLANDS = {"Softmax": _SCORE_PATH, "Sin": _ANGLE_PATH, "Cos": _ANGLE_PATH}
 _FLOAT, _FLOAT16 = 1, 10
 _FP16_MAX = 65504.0
 
@@ -42,29 +46,30 @@ def fp16_path(onnx_path: str | Path) -> Path:
     return p.with_name(p.name.split(".", 1)[0] + ".fp16.onnx")
 
 
-def softmax_score_nodes(graph) -> list[str]:
-    """Names of the nodes that compute attention scores feeding each Softmax.
+def fp32_island_nodes(graph, keep_fp32_ops: Iterable[str]) -> list[str]:
+    """Names of the nodes that must run in fp32 because of what they feed.
 
-    Walks back from every Softmax through scale / mask / bias elementwise ops and stops at (and
-    includes) the score MatMul. Nodes on other paths (e.g. the mask built from counters) stay
-    fp16: their values (0 and the finite fill) are exact in fp16.
+    - Softmax: walks back through the scale / mask / bias elementwise ops to (and including) the
+      attention score MatMul. Nodes on other paths (the mask built from counters) stay fp16:
+      their values (0 and the finite fill) are exact in fp16.
+    - Sin / Cos: walks back through the angle arithmetic (``position * frequency``) to the Cast
+      from the integer position: in fp16 an angle near 200 rad is off by up to 0.06 rad.
+    Only sinks whose op type is in ``keep_fp32_ops`` are followed.
     """
     producer = {out: node for node in graph.node for out in node.output}
     picked: dict[int, str] = {}
-    stack = [producer[n.input[0]] for n in graph.node
-             if n.op_type == "Softmax" and n.input[0] in producer]
+    stack = [(producer[n.input[0]], _ISLANDS[n.op_type]) for n in graph.node
+             if n.op_type in _ISLANDS and n.op_type in keep_fp32_ops and n.input[0] in producer]
     while stack:
-        node = stack.pop()
-        if id(node) in picked:
+        node, (through, terminal) = stack.pop()
+        if id(node) in picked or not (node.op_type in through or node.op_type in terminal):
             continue
-        if node.op_type == "MatMul":
-            picked[id(node)] = node.name
-        elif node.op_type in _SCORE_PATH_OPS:
-            picked[id(node)] = node.name
-            stack.extend(producer[i] for i in node.input if i in producer)
+        picked[id(node)] = node.name
+        if node.op_type in through:
+            stack.extend((producer[i], (through, terminal)) for i in node.input if i in producer)
     unnamed = [n for n in picked.values() if not n]
     if unnamed:
-        raise ValueError(f"{len(unnamed)} score-path node(s) have no name; name every node first")
+        raise ValueError(f"{len(unnamed)} fp32-island node(s) have no name; name every node first")
     return sorted(picked.values())
 
 
@@ -92,9 +97,9 @@ def _io_signature(graph) -> list[tuple[str, int, tuple]]:
 def convert_to_fp16(model, keep_fp32_ops: Iterable[str] = DEFAULT_KEEP_FP32_OPS):
     """The fp16 rewrite of an in-memory ONNX model (returns a new ModelProto; I/O unchanged).
 
-    Every node runs in fp16 unless its op type is in ``keep_fp32_ops``, it is on an attention score
-    path into a Softmax (when Softmax is kept), or its schema has no fp16 kernel for a float
-    operand (e.g. Range). fp32 nodes read fp32 initializers directly (exact LayerNorm weights);
+    Every node runs in fp16 unless its op type is in ``keep_fp32_ops``, it feeds a kept Softmax /
+    Sin / Cos (:func:`fp32_island_nodes`), or its schema has no fp16 kernel for a float operand
+    (e.g. Range). fp32 nodes read fp32 initializers directly (exact LayerNorm weights);
     a Cast is inserted on every edge that crosses precisions, once per tensor and direction.
 
     Args:
@@ -109,11 +114,11 @@ def convert_to_fp16(model, keep_fp32_ops: Iterable[str] = DEFAULT_KEEP_FP32_OPS)
         raise ValueError("fp16 rewrite: graphs with subgraphs (If/Loop/Scan) are not supported")
     _name_nodes(graph)
     fp32_nodes = set(keep_fp32_ops)
-    score_nodes = set(softmax_score_nodes(graph)) if "Softmax" in fp32_nodes else set()
+    island = set(fp32_island_nodes(graph, fp32_nodes))
     opset = next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
     rewrite = _Rewrite(graph)
     for node in list(graph.node):
-        keep = node.op_type in fp32_nodes or node.name in score_nodes or \
+        keep = node.op_type in fp32_nodes or node.name in island or \
             not _fp16_capable(node, rewrite.original, opset)
         rewrite.emit(node, _FLOAT if keep else _FLOAT16)
     rewrite.finish()
@@ -257,7 +262,7 @@ def make_fp16_variant(onnx_path: str | Path, out_path: str | Path, contract: Sta
         out_path: where to write the variant (by convention :func:`fp16_path`).
         contract: the stage's contract; the variant's I/O must still match it (fp32 everywhere).
         keep_fp32_ops: op types kept in fp32 (default: Softmax + its score path, LogSoftmax,
-            LayerNormalization).
+            LayerNormalization, Sin/Cos + their angle path).
     Returns:
         ``out_path``.
     Raises:
@@ -317,3 +322,15 @@ def _smoke_run(path: Path, contract: StageContract, batch: int = 2) -> None:
                                 f"{contract.spec(name).dtype}, got {value.dtype}")
         if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
             raise ArtifactError(f"{path}: output {name!r} is not finite after one fp16 step")
+
+
+def argmax_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Fraction of positions whose argmax over the last axis (token / unit) agrees.
+
+    Args:
+        reference, candidate: ``[..., V]`` scores or log-probs of the same shape.
+    """
+    if reference.shape != candidate.shape:
+        raise ValueError(f"argmax agreement: shape expected {list(reference.shape)}, "
+                         f"got {list(candidate.shape)}")
+    return float(np.mean(reference.argmax(-1) == candidate.argmax(-1)))

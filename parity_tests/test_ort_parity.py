@@ -1,0 +1,116 @@
+"""Every stage on ONNX Runtime vs the PyTorch reference (`echostream parity`), fp32, tiny preset;
+plus proof that the checks can fail, and one slow run on the full echostream preset."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from echostream import cli
+from echostream.contract import STAGE_NAMES
+from echostream.export.manifest import add_files
+from echostream.export.parity import Comparison, cosine_similarity, format_table, run_parity
+from echostream.export.torch_backend import TorchStage
+from echostream.models.weights import load_checkpoint, save_checkpoint
+from echostream.runtime.artifacts import load_artifacts
+from echostream.runtime.backends import load_stage
+
+STATEFUL = ("encoder", "st_ctc", "mt_source", "mt_decoder", "unit_decoder")
+
+
+def _checks(results) -> dict[tuple[str, str], object]:
+    return {(r.stage, r.check): r for r in results}
+
+
+def test_every_stage_matches_the_reference(tiny_artifacts):
+    results = run_parity(tiny_artifacts, "onnxruntime", steps=10)
+    table = format_table(results)
+    assert all(r.passed for r in results), table
+    checks = _checks(results)
+    for stage in STATEFUL:
+        for check in ("zero-state chain", "random-state chain", "batch positions"):
+            assert (stage, check) in checks, (stage, check)
+    for stage in ("duration", "vocoder"):
+        assert (stage, "random inputs") in checks
+    assert ("encoder", "full utterance") in checks and ("st_ctc", "full utterance") in checks
+    for r in results:
+        assert r.max_abs <= 1e-4 and r.cosine > 0.9999, (r.stage, r.check)
+    # Something was actually compared: fp32 graphs are not bit-identical to eager torch everywhere.
+    assert max(r.max_abs for r in results) > 0
+
+
+def test_parity_fails_when_the_graph_is_not_the_reference(tiny_artifacts_copy):
+    """Perturb the reference weights (not the graph): chains must fail, batch-vs-alone must not."""
+    root = tiny_artifacts_copy
+    model, cfg = load_checkpoint(root / "weights.safetensors")
+    with torch.no_grad():
+        next(model.encoder.subsampling.parameters()).add_(1e-2)
+    save_checkpoint(model, cfg, root)
+    add_files(root, ["weights.safetensors"])
+    results = _checks(run_parity(load_artifacts(root), "onnxruntime", steps=3, stages=["encoder"]))
+    assert not results[("encoder", "zero-state chain")].passed
+    assert not results[("encoder", "random-state chain")].passed
+    assert not results[("encoder", "full utterance")].passed
+    assert results[("encoder", "batch positions")].passed  # backend vs itself: still consistent
+
+
+def test_comparison_metrics():
+    cmp = Comparison()
+    a = np.array([1.0, 2.0, 3.0], np.float32)
+    cmp.add("y", a, a + np.array([0.0, 0.5, 0.0], np.float32))
+    assert cmp.max_abs == pytest.approx(0.5) and cmp.mean_abs == pytest.approx(0.5 / 3)
+    assert cmp.worst == "y" and cmp.cosine < 1.0
+    cmp.add("n", np.array([1, 2], np.int32), np.array([1, 3], np.int32))
+    assert cmp.int_mismatch == ["n"]
+    assert cosine_similarity(np.zeros(3), np.zeros(3)) == 1.0
+    assert cosine_similarity(np.zeros(3), np.ones(3)) == 0.0
+    with pytest.raises(ValueError, match=r"y: shape expected \[3\], got \[2\]"):
+        cmp.add("y", a, a[:2])
+
+
+def test_torch_backend_runs_the_reference_exactly(tiny_artifacts, tiny_model):
+    stage = load_stage(tiny_artifacts, "mt_decoder", backend="torch")
+    assert isinstance(stage, TorchStage)
+    g = torch.Generator().manual_seed(3)
+    context = {"cross_keys": torch.randn(2, 2, 64, 32, generator=g),
+               "cross_values": torch.randn(2, 2, 64, 32, generator=g),
+               "source_frames": torch.tensor([3, 70], dtype=torch.int32)}
+    tokens = torch.tensor([2, 17], dtype=torch.int32)
+    state = {k: torch.from_numpy(v) for k, v in stage.initial_state(2).items()}
+    with torch.inference_mode():
+        want, want_state = tiny_model.stage_step("mt_decoder")({"x": tokens, **context}, state)
+    got, got_state = stage.run({"x": tokens.numpy()}, {k: v.numpy() for k, v in state.items()},
+                               {k: v.numpy() for k, v in context.items()})
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name].numpy())
+    for name in want_state:
+        np.testing.assert_array_equal(got_state[name], want_state[name].numpy())
+
+
+def test_parity_command(tiny_artifacts_dir, capsys):
+    rc = cli.main(["parity", str(tiny_artifacts_dir), "--stages", "mt_source", "duration", "--steps", "10"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "max abs" in out and "cosine" in out and "tolerance" in out and "verdict" in out
+    assert out.count("PASS") == 4 and "FAIL" not in out  # mt_source x3 + duration x1
+    assert "4/4 checks passed" in out
+
+
+def test_parity_command_refuses_missing_precision(tiny_artifacts_dir, capsys):
+    assert cli.main(["parity", str(tiny_artifacts_dir), "--precision", "fp16"]) == 2
+    assert "fp16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_echostream_preset_export_and_parity(tmp_path, capsys):
+    """The full-size preset: export every stage (timed) and pass every parity check."""
+    out = tmp_path / "echostream"
+    start = time.perf_counter()
+    assert cli.main(["export", "--preset", "echostream", "--out", str(out), "--quiet"]) == 0
+    print(f"echostream export: {time.perf_counter() - start:.1f} s")
+    artifacts = load_artifacts(out)
+    assert artifacts.stages == list(STAGE_NAMES)
+    results = run_parity(artifacts, "onnxruntime", steps=10)
+    assert all(r.passed for r in results), format_table(results)
