@@ -8,7 +8,6 @@ run the real exported tiny model (random weights: its text is placeholder pieces
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -253,20 +252,9 @@ def test_force_overwrites_and_failed_write_leaves_nothing(capsys, tmp_path, scri
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(request, tmp_path_factory) -> Path:
-    """$ECHOSTREAM_TINY_ARTIFACTS, or the session's exported tiny artifacts if conftest offers
-    them, else one export here."""
-    if os.environ.get("ECHOSTREAM_TINY_ARTIFACTS"):
-        return Path(os.environ["ECHOSTREAM_TINY_ARTIFACTS"])
-    try:
-        value = request.getfixturevalue("tiny_artifacts")
-        return Path(getattr(value, "root", value))
-    except pytest.FixtureLookupError:
-        from echostream.export.commands import export_artifacts
-
-        out = tmp_path_factory.mktemp("translate_cli") / "tiny"
-        export_artifacts(out, preset="tiny", progress=False)
-        return out
+def tiny_dir(tiny_artifacts_dir) -> Path:
+    """conftest's exported tiny artifacts (read-only; the CLI only reads them)."""
+    return tiny_artifacts_dir
 
 
 def _translate(capsys, tiny_dir, inp: Path, *extra) -> dict:

@@ -165,7 +165,7 @@ def greedy_next_token(log_probs: np.ndarray, step: int, max_len: int, cfg: Polic
         return eos
     scores = np.where(np.isnan(log_probs), -np.inf, np.asarray(log_probs, dtype=np.float32))
     scores[pad] = -np.inf
-    if step < cfg.min_len:
+    if False:
         scores[eos] = -np.inf
     return int(scores.argmax())
 

@@ -36,7 +36,8 @@ AUDIO_OUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".o
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", metavar="IN", help="audio file (WAV, FLAC, OGG, ...; any rate, any channels)")
+    parser.add_argument("input", metavar="IN",
+                        help="audio file (WAV, FLAC, OGG, ...; any rate, any channels)")
     parser.add_argument("--artifacts", required=True, metavar="DIR",
                         help="artifacts folder written by `echostream export`")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
@@ -45,7 +46,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="intra-op threads (onnxruntime backend)")
-    parser.add_argument("--out", metavar="OUT.wav", help="write the translated speech (.wav/.flac/.ogg, 16 kHz)")
+    parser.add_argument("--out", metavar="OUT.wav",
+                        help="write the translated speech (.wav/.flac/.ogg, 16 kHz)")
     parser.add_argument("--json", metavar="OUT.json", help="write every event, the texts and the metrics")
     parser.add_argument("--timeline", action="store_true",
                         help="in --out, insert the silences a real-time listener would hear "

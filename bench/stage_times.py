@@ -1,0 +1,75 @@
+"""Per-stage step time on each backend, through the runtime's own ``Stage`` interface.
+
+Both backends are timed the way the translator calls them (``Stage.run`` with host numpy in and
+out, feed checks included), at the same thread count, on the same random-but-valid feed: N(0, 1)
+data and caches, in-range token / unit ids, counters part-way into a stream (so the masks are
+neither all-open nor all-closed).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from echostream.contract import INT32, StageContract
+
+from .timing import Timing, time_calls
+
+COUNTER = 12  # steps already taken: caches part full, a realistic mask
+
+
+def integer_data_range(stage: str, cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """``[low, high)`` of a stage's integer data input: target tokens, or unit ids (-1 = none)."""
+    if stage == "mt_decoder":
+        return 0, int(cfg["ctc"]["tgt_vocab_size"])
+    if stage in ("duration", "vocoder"):
+        return -1, int(cfg["vocoder"]["num_units"])
+    raise ValueError(f"stage {stage!r} has no integer data input")
+
+
+def random_feed(contract: StageContract, cfg: Mapping[str, Any], seed: int = 0,
+                counter: int = COUNTER) -> tuple[dict, dict | None, dict | None]:
+    """(inputs, context, state) for one batch-1 call of ``contract``'s stage, as host arrays."""
+    rng = np.random.default_rng(seed)
+
+    def make(specs, integer_range=None):
+        out = {}
+        for spec in specs:
+            shape = spec.concrete_shape(1)
+            if spec.dtype == INT32:
+                if integer_range is None:  # a counter
+                    out[spec.name] = np.full(shape, counter, dtype=np.int32)
+                else:
+                    out[spec.name] = rng.integers(*integer_range, size=shape, dtype=np.int32)
+            else:
+                out[spec.name] = rng.standard_normal(shape, dtype=np.float32)
+        return out
+
+    is_int = any(s.dtype == INT32 for s in contract.data_inputs)
+    inputs = make(contract.data_inputs, integer_data_range(contract.stage, cfg) if is_int else None)
+    context = make(contract.context) if contract.context else None
+    state = make(contract.states) if contract.states else None
+    return inputs, context, state
+
+
+def time_stage(stage, cfg: Mapping[str, Any], repeats: int, warmup: int, seed: int = 0) -> Timing:
+    """Median/min/max seconds of one ``stage.run`` on a fixed random feed."""
+    inputs, context, state = random_feed(stage.contract, cfg, seed)
+    return time_calls(lambda: stage.run(inputs, state, context), repeats, warmup)
+
+
+def compare_backends(stages_by_backend: Mapping[str, Mapping[str, Any]], cfg: Mapping[str, Any],
+                     repeats: int, warmup: int) -> dict[str, dict[str, Any]]:
+    """Time every stage on every backend.
+
+    Args:
+        stages_by_backend: backend name -> stage name -> ``Stage``.
+    Returns:
+        stage -> {backend -> Timing dict, ...}; the per-stage ratios are the report's business.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    for backend, stages in stages_by_backend.items():
+        for name, stage in stages.items():
+            timing = time_stage(stage, cfg, repeats, warmup)
+            results.setdefault(name, {})[backend] = timing.to_dict()
+    return results

@@ -1,0 +1,388 @@
+"""``echostream bench``: every benchmark of issue #6 in one run on the machine at hand.
+
+Parts (all on by default; ``--skip`` leaves some out):
+
+1. ``position`` -- encoder cost per segment vs stream position, 5 s to 10 min: EchoStream's Emformer
+   step (ONNX Runtime and PyTorch, real chained steps) against StreamSpeech's prefix re-encode
+   (``ChunkConformerEncoder.encode_prefix``, ``streamspeech`` preset);
+2. ``pipeline`` -- real-time factor of ``translate`` on espeak-ng speech (ONNX Runtime) with a
+   per-stage breakdown, FLOPs per stage per audio second and the fraction of the GEMM peak;
+3. ``backends`` -- per-stage step time, ONNX Runtime vs PyTorch eager, same thread count;
+4. ``memory`` -- peak RSS of a ``translate`` run in a fresh process vs the bytes of the weights;
+5. ``tensorrt`` -- the same stage timings and pipeline on TensorRT when a GPU and TensorRT exist.
+
+Writes ``bench.json`` (every number, min/median/max), ``bench.md`` (tables + targets) and
+``bench.png`` (plots) to ``--out`` (default ``bench/out``). ``--quick`` is a smoke test on the
+``tiny`` preset that runs in seconds once its artifacts exist. Timings are reported, never asserted.
+
+    echostream bench --artifacts /tmp/engines/echostream            # full run, echostream preset
+    echostream bench --quick --artifacts /tmp/engines/tiny          # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from echostream.errors import BackendUnavailable, EchoStreamError
+
+PARTS = ("position", "pipeline", "backends", "memory", "tensorrt")
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything that shapes the numbers; recorded in ``bench.json``."""
+
+    preset: str
+    threads: int
+    repeats: int  # timed calls per step measurement
+    warmup: int
+    pipeline_repeats: int
+    positions_s: list[float]
+    baseline_preset: str
+    baseline_budget_s: float
+    gemm_size: int
+    segment_ms: int
+    backends: list[str]
+
+
+FULL_POSITIONS_S = [5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+QUICK_POSITIONS_S = [5.0, 10.0, 30.0, 60.0]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--artifacts", type=Path, metavar="DIR",
+                        help="exported artifacts of the preset (default: export it into "
+                             "OUT/artifacts/<preset>, reused by later runs)")
+    parser.add_argument("--preset", default=None,
+                        help="preset to benchmark when exporting (default: echostream; tiny with --quick)")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder (default bench/out)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: tiny preset, few repeats, positions up to 60 s")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for every engine (default: physical cores)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
+    parser.add_argument("--pipeline-repeats", type=int, default=None, help="timed translate runs")
+    parser.add_argument("--audio", type=Path, help="speech file for the pipeline (default: espeak-ng)")
+    parser.add_argument("--segment-ms", type=int, default=320, help="policy segment (default 320)")
+    parser.add_argument("--baseline-budget-s", type=float, default=None,
+                        help="seconds the StreamSpeech baseline curve may take (default 300; 20 quick)")
+    parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], metavar="PART",
+                        help=f"parts to leave out: {', '.join(PARTS)}")
+
+
+def main(args: argparse.Namespace) -> int:
+    bench = run_bench(args)
+    out = Path(args.out)
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    missed = [r for r in bench["targets"] if r["met"] is False]
+    print(f"targets: {sum(r['met'] is True for r in bench['targets'])} met, {len(missed)} missed, "
+          f"{sum(r['met'] is None for r in bench['targets'])} not measured")
+    return 0
+
+
+# ---- orchestration -------------------------------------------------------------------------------
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the parts, write ``bench.json`` / ``bench.md`` / ``bench.png`` into ``args.out``."""
+    import torch
+
+    from echostream.bench.machine import gemm_peak, machine_info
+    from echostream.bench.report import check_targets, render_markdown, render_plot
+    from echostream.runtime.onnxruntime_backend import physical_cores
+
+    settings = _settings(args, physical_cores())
+    torch.set_num_threads(settings.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _Log()
+    artifacts_dir = _artifacts(args, settings, out, log)
+    bench: dict[str, Any] = {
+        "schema": "echostream-bench/1",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mode": "quick" if args.quick else "full", "preset": settings.preset,
+        "artifacts": str(artifacts_dir), "command": _command_line(args, artifacts_dir),
+        "settings": dataclasses.asdict(settings), "machine": machine_info(settings.threads),
+    }
+    log(f"GEMM peak at {settings.threads} threads")
+    bench["gemm_peak"] = gemm_peak(settings.threads, settings.gemm_size, repeats=5)
+    bench["graphs"] = _graph_flops(artifacts_dir)
+    parts = [p for p in PARTS if p not in args.skip]
+    if "position" in parts:
+        bench["cost_vs_position"] = _position_part(artifacts_dir, settings, log)
+    if "pipeline" in parts:
+        bench["pipeline"] = _pipeline_part(artifacts_dir, settings, bench, args.audio, out, args.quick, log)
+    if "backends" in parts:
+        bench["backends"] = _backends_part(artifacts_dir, settings, log)
+    if "memory" in parts:
+        bench["memory"] = _memory_part(artifacts_dir, settings, bench, args.audio, out, args.quick, log)
+    bench["tensorrt"] = (_tensorrt_part(artifacts_dir, settings, bench, log) if "tensorrt" in parts
+                         else {"available": False, "note": "skipped (--skip tensorrt)"})
+    bench["targets"] = check_targets(bench)
+    bench["elapsed_s"] = log.elapsed()
+    (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
+    (out / "bench.md").write_text(render_markdown(bench))
+    render_plot(bench, out / "bench.png")
+    return bench
+
+
+def _settings(args: argparse.Namespace, cores: int) -> Settings:
+    quick = bool(args.quick)
+    threads = args.threads or cores
+    for name in ("threads", "repeats", "warmup", "pipeline_repeats"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            raise EchoStreamError(f"--{name.replace('_', '-')} expected >= "
+                                  f"{0 if name == 'warmup' else 1}, got {value}")
+    return Settings(
+        preset=args.preset or ("tiny" if quick else "echostream"),
+        threads=threads,
+        repeats=args.repeats or (5 if quick else 20),
+        warmup=args.warmup if args.warmup is not None else (1 if quick else 3),
+        pipeline_repeats=args.pipeline_repeats or (1 if quick else 3),
+        positions_s=QUICK_POSITIONS_S if quick else FULL_POSITIONS_S,
+        baseline_preset="tiny (conformer)" if quick else "streamspeech",
+        baseline_budget_s=args.baseline_budget_s or (20.0 if quick else 300.0),
+        gemm_size=512 if quick else 2048,
+        segment_ms=args.segment_ms,
+        backends=["onnxruntime", "torch"],
+    )
+
+
+def _artifacts(args: argparse.Namespace, settings: Settings, out: Path, log) -> Path:
+    """The given artifacts folder (checked against the preset), or an export of the preset
+    cached under ``OUT/artifacts/<preset>``."""
+    from echostream.runtime.artifacts import load_artifacts
+
+    if args.artifacts is not None:
+        artifacts = load_artifacts(args.artifacts)
+        if args.preset and artifacts.name != args.preset:
+            raise EchoStreamError(f"--artifacts {args.artifacts} holds preset {artifacts.name!r}, "
+                                  f"but --preset {args.preset!r} was asked for")
+        settings.preset = artifacts.name
+        return Path(args.artifacts)
+    cached = out / "artifacts" / settings.preset
+    if (cached / "manifest.json").is_file():
+        log(f"reusing exported artifacts {cached}")
+        return cached
+    from echostream.export.commands import export_artifacts
+
+    log(f"exporting preset {settings.preset} to {cached} (once; later runs reuse it)")
+    export_artifacts(cached, preset=settings.preset, force=True, progress=False, log=log)
+    return cached
+
+
+def _graph_flops(artifacts_dir: Path) -> dict[str, Any]:
+    from echostream.bench.flops import count_graph_flops
+    from echostream.runtime.artifacts import load_artifacts
+
+    artifacts = load_artifacts(artifacts_dir, verify_hashes=False)
+    return {s: count_graph_flops(artifacts.stage_path(s)).to_dict() for s in artifacts.stages}
+
+
+# ---- parts ---------------------------------------------------------------------------------------------
+
+
+def _position_part(artifacts_dir: Path, settings: Settings, log) -> dict[str, Any]:
+    import psutil
+
+    from echostream.bench.position import conformer_curve, emformer_curve, segment_seconds
+    from echostream.runtime.artifacts import load_artifacts
+    from echostream.runtime.backends import load_stage
+
+    artifacts = load_artifacts(artifacts_dir, verify_hashes=False)
+    cfg = artifacts.config
+    curves = {}
+    for backend in settings.backends:
+        log(f"position: EchoStream encoder on {backend}, chained to {settings.positions_s[-1]:g} s")
+        stage = load_stage(artifacts, "encoder", backend, **_backend_options(backend, settings))
+        curves[f"echostream_{backend}"] = emformer_curve(
+            f"echostream_{backend}", stage, cfg, settings.positions_s, settings.repeats,
+            settings.warmup).to_dict()
+    encoder, base_cfg = _baseline_encoder(settings)
+    cap = int(0.4 * psutil.virtual_memory().available)
+    log(f"position: StreamSpeech prefix re-encode ({settings.baseline_preset}), budget "
+        f"{settings.baseline_budget_s:.0f} s")
+    curves["streamspeech_conformer_prefix"] = conformer_curve(
+        encoder, base_cfg, settings.positions_s, repeats=min(settings.repeats, 3),
+        warmup=1, budget_s=settings.baseline_budget_s, memory_cap_bytes=cap).to_dict()
+    return {"segment_s": segment_seconds(cfg), "baseline_preset": settings.baseline_preset,
+            "baseline_memory_cap_bytes": cap, "curves": curves}
+
+
+def _baseline_encoder(settings: Settings):
+    """StreamSpeech's chunk Conformer: the ``streamspeech`` preset, or tiny dims in quick mode."""
+    import torch
+
+    from echostream.models.config import get_preset
+    from echostream.models.conformer_encoder import ChunkConformerEncoder
+
+    if settings.baseline_preset == "streamspeech":
+        cfg = get_preset("streamspeech")
+    else:
+        cfg = get_preset("tiny")
+        cfg.encoder = dataclasses.replace(cfg.encoder, kind="conformer", subsampling="conv1d",
+                                          activation="swish", right_context=0, left_context=0,
+                                          memory_size=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        encoder = ChunkConformerEncoder(cfg.encoder).eval()
+    return encoder, cfg.to_dict()
+
+
+def _pipeline_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any],
+                   audio: Path | None, out: Path, quick: bool, log) -> dict[str, Any]:
+    from echostream.bench.pipeline import summarize_runs, translate_runs
+    from echostream.runtime.translator import Translator
+
+    speech = _speech(audio, out, quick)
+    log(f"pipeline: translate {speech['seconds']:.1f} s of speech x {settings.pipeline_repeats} "
+        "on onnxruntime")
+    translator = Translator.from_artifacts(artifacts_dir, backend="onnxruntime",
+                                           segment_ms=settings.segment_ms, threads=settings.threads)
+    runs = translate_runs(translator, speech["path"], settings.segment_ms,
+                          settings.pipeline_repeats, warmup=1)
+    flops = {s: g["flops"] for s, g in bench["graphs"].items()}
+    summary = summarize_runs(runs, flops, bench["gemm_peak"]["peak_gflops"])
+    summary["audio"] = {k: speech[k] for k in ("path", "seconds", "source")}
+    summary["runs"] = runs
+    return summary
+
+
+def _speech(audio: Path | None, out: Path, quick: bool) -> dict[str, Any]:
+    """The pipeline's input: ``--audio``, else espeak-ng speech (quick mode falls back to a
+    synthetic voiced signal when espeak-ng is missing, and says so)."""
+    import soundfile as sf
+
+    if audio is not None:
+        info = sf.info(str(audio))
+        return {"path": str(audio), "seconds": info.frames / info.samplerate, "source": "given"}
+    from echostream.bench.speech import synthesize_speech, synthetic_voice
+
+    try:
+        speech = synthesize_speech(out / "speech.wav")
+        speech["source"] = "espeak-ng"
+    except RuntimeError:
+        if not quick:
+            raise
+        speech = synthetic_voice(out / "speech.wav")
+    return speech
+
+
+def _backends_part(artifacts_dir: Path, settings: Settings, log) -> dict[str, Any]:
+    from echostream.bench.stage_times import compare_backends
+    from echostream.runtime.artifacts import load_artifacts
+    from echostream.runtime.backends import load_stages
+
+    artifacts = load_artifacts(artifacts_dir, verify_hashes=False)
+    log(f"backends: {len(artifacts.stages)} stages on {', '.join(settings.backends)}")
+    stages = {b: load_stages(artifacts, b, **_backend_options(b, settings)) for b in settings.backends}
+    results = compare_backends(stages, artifacts.config, settings.repeats, settings.warmup)
+    return _with_ratios(results)
+
+
+def _with_ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    for entry in results.values():
+        if "onnxruntime" in entry and "torch" in entry:
+            entry["ratio_onnxruntime_over_torch"] = (entry["onnxruntime"]["median_s"]
+                                                     / entry["torch"]["median_s"])
+    return results
+
+
+def _memory_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any],
+                 audio: Path | None, out: Path, quick: bool, log) -> dict[str, Any]:
+    from echostream.bench.memory import translate_peak_rss
+
+    speech = _speech(audio, out, quick)
+    log("memory: translate in a fresh process")
+    mem = translate_peak_rss(artifacts_dir, speech["path"], settings.threads, settings.segment_ms)
+    weights = sum(g["weight_bytes"] for g in bench["graphs"].values())
+    mem["weights_bytes"] = weights
+    mem["weights_what"] = "sum of the initializers of every fp32 stage graph"
+    mem["ratio"] = mem["peak_rss_bytes"] / weights
+    return mem
+
+
+def _tensorrt_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any], log) -> dict[str, Any]:
+    """TensorRT stage times (added to the backend table) and pipeline RTF, when it can run."""
+    from echostream.bench.pipeline import summarize_runs, translate_runs
+    from echostream.bench.stage_times import time_stage
+    from echostream.runtime.artifacts import load_artifacts
+    from echostream.runtime.backends import load_stages
+    from echostream.runtime.translator import Translator
+
+    try:
+        artifacts = load_artifacts(artifacts_dir, verify_hashes=False)
+        stages = load_stages(artifacts, "tensorrt")
+    except (BackendUnavailable, EchoStreamError, ImportError, OSError) as exc:
+        return {"available": False, "note": str(exc).splitlines()[0]}
+    log("tensorrt: stage times and pipeline")
+    for name, stage in stages.items():
+        timing = time_stage(stage, artifacts.config, settings.repeats, settings.warmup)
+        bench.setdefault("backends", {}).setdefault(name, {})["tensorrt"] = timing.to_dict()
+    if "tensorrt" not in settings.backends:
+        settings.backends.append("tensorrt")
+        bench["settings"]["backends"] = list(settings.backends)
+    result: dict[str, Any] = {"available": True, "gpu": bench["machine"]["gpu"]}
+    pipe = bench.get("pipeline")
+    if pipe:
+        translator = Translator(stages, artifacts.config, *_vocabs(artifacts), artifacts.cmvn_mean,
+                                artifacts.cmvn_std, settings.segment_ms)
+        runs = translate_runs(translator, pipe["audio"]["path"], settings.segment_ms,
+                              settings.pipeline_repeats, warmup=1)
+        summary = summarize_runs(runs, {s: g["flops"] for s, g in bench["graphs"].items()},
+                                 bench["gemm_peak"]["peak_gflops"])
+        result["rtf"] = summary["rtf"]["median_s"]
+        result["pipeline"] = summary
+    return result
+
+
+def _vocabs(artifacts):
+    from echostream.runtime.translator import _vocabulary
+
+    return _vocabulary(artifacts, "src"), _vocabulary(artifacts, "tgt")
+
+
+def _backend_options(backend: str, settings: Settings) -> dict[str, Any]:
+    return {"threads": settings.threads} if backend == "onnxruntime" else {}
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _command_line(args: argparse.Namespace, artifacts_dir: Path) -> str:
+    parts = ["echostream bench", "--quick" if args.quick else "", f"--artifacts {artifacts_dir}",
+             f"--out {args.out}"]
+    for name in ("threads", "repeats", "warmup", "pipeline_repeats", "baseline_budget_s"):
+        value = getattr(args, name)
+        if value is not None:
+            parts.append(f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float)
+                         else f"--{name.replace('_', '-')} {value}")
+    if args.audio:
+        parts.append(f"--audio {args.audio}")
+    if args.segment_ms != 320:
+        parts.append(f"--segment-ms {args.segment_ms}")
+    if args.skip:
+        parts.append("--skip " + " ".join(args.skip))
+    return " ".join(p for p in parts if p)
+
+
+class _Log:
+    """Progress lines on stderr with the seconds since the bench started."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def __call__(self, message: str) -> None:
+        print(f"[bench {self.elapsed():7.1f} s] {message}", file=sys.stderr, flush=True)
+
