@@ -276,3 +276,72 @@ def test_ctc_never_picks_pad_or_unk_and_unit_head_drops_specials():
     assert units.accept(lp) == [7]
     with pytest.raises(ValueError, match="frames, classes"):
         units.accept(np.zeros(5, np.float32))
+
+
+# ---- 6. the agent's control flow, transliterated, on random count sequences --------------------------
+
+
+def agent_reference(counts, oracle, cfg: PolicyConfig):
+    """StreamSpeech's ``policy()`` control flow with full re-decoding from ``oracle`` (a model whose
+    greedy output does not depend on the source); returns the committed tokens after each step."""
+    n, k1 = cfg.stride_n, cfg.lagging_k1
+    src_len = tgt_len = 0
+    committed = None
+    trace = []
+    for i, (asr, st) in enumerate(counts):
+        finished = i == len(counts) - 1
+        trace.append(tuple(committed or ()))
+        prefix = list(committed or [])
+        if not finished:
+            if asr < src_len + n or st < tgt_len + n:
+                continue
+            src_len, tgt_len = max(asr, src_len), max(st, tgt_len)
+            subword_tokens = (st - k1) // n * n + (1 if cfg.whole_word else 0)
+            new = subword_tokens - len(prefix)
+            if new < 1:
+                continue
+            max_len = len(prefix) + new
+        else:
+            max_len = cfg.max_target_tokens
+        hyp = list(prefix)
+        for step in range(len(prefix), max_len):  # fairseq: </s> forced at step == max_len
+            token = oracle[step] if step < len(oracle) else EOS
+            if token == EOS:
+                break
+            hyp.append(token)
+        if cfg.whole_word and not finished:
+            j = 999999
+            for j in range(len(hyp) - 1, -1, -1):
+                if is_word_start(hyp[j]):
+                    break
+            hyp = hyp[:j]
+            if j == 0:
+                continue
+        if committed is not None and hyp == committed:
+            continue
+        committed = hyp
+        trace[-1] = tuple(committed)
+    return trace
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_policy_matches_the_agent_on_random_counts(seed):
+    rng = np.random.default_rng(seed)
+    cfg = PolicyConfig(segment_ms=int(rng.choice([320, 640, 960])),
+                       stride_n=int(rng.choice([1, 1, 2])), lagging_k1=int(rng.choice([0, 0, 1])),
+                       max_target_tokens=int(rng.integers(8, 40)))
+    length = int(rng.integers(2, 40))
+    oracle = [int(t) for t in rng.integers(10, 32, size=length)]
+    if rng.random() < 0.5:
+        oracle[int(rng.integers(1, length))] = EOS  # an early end of sentence
+    steps = int(rng.integers(1, 30))
+    counts = np.cumsum(rng.integers(0, 3, size=(steps, 2)), axis=0)
+    counts = [(int(a), int(s)) for a, s in counts] + [(0, 0)]  # the last step: source finished
+
+    policy, _ = make_policy(oracle, **{f: getattr(cfg, f) for f in
+                                       ("segment_ms", "stride_n", "lagging_k1", "max_target_tokens")})
+    committed, trace = [], []
+    for step_tokens in run_counts(policy, counts, finished_at_end=True):
+        committed += step_tokens
+        trace.append(tuple(committed))
+    assert trace == agent_reference(counts, oracle, cfg)

@@ -123,7 +123,7 @@ def test_receptive_field_matches_gradient(tiny):
     cfg, model = tiny
     frames, f = 40, 20
     emb = torch.randn(1, frames, cfg.vocoder.embedding_dim, requires_grad=True)
-    wav = model._generate(emb, None)
+    wav = model.generate(emb, None)
     wav[0, f * 320:(f + 1) * 320].sum().backward()
     touched = emb.grad[0].abs().sum(-1).nonzero().flatten()
     assert (f - int(touched.min()), int(touched.max()) - f) == receptive_field(cfg.vocoder)
@@ -242,6 +242,9 @@ def test_bad_inputs_raise(tiny):
     synth = synthesizer(cfg, model)
     with pytest.raises(ValueError, match="0..999"):
         synth.push([3, -1])
+    with pytest.raises(ValueError, match="vocoder stage expected input x"):
+        other = with_windows(tiny, 8, 5, 8, 8)[0].to_dict()
+        StreamingSynthesizer(synth._duration_stage, synth._vocoder_stage, other)
     with pytest.raises(ValueError, match="1-D sequence of ints"):
         synth.push(np.array([1.0, 2.0]))
 

@@ -52,7 +52,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-
 from echostream.runtime.stage import Stage, StageState
 
 WHOLE_WORD_MS = 640  # the agent switches to whole-word commits at segments of 640 ms and more
@@ -165,7 +164,7 @@ def greedy_next_token(log_probs: np.ndarray, step: int, max_len: int, cfg: Polic
         return eos
     scores = np.where(np.isnan(log_probs), -np.inf, np.asarray(log_probs, dtype=np.float32))
     scores[pad] = -np.inf
-    if False:
+    if step < cfg.min_len:
         scores[eos] = -np.inf
     return int(scores.argmax())
 
@@ -267,10 +266,6 @@ class PolicyOutcome:
     tokens: list[int]
     text_states: list[np.ndarray]
 
-    @property
-    def wrote(self) -> bool:
-        return bool(self.tokens or self.text_states)
-
 
 class SimultaneousPolicy:
     """One stream's policy state (stored CTC counts) on top of an :class:`IncrementalMTDecoder`."""
@@ -281,11 +276,6 @@ class SimultaneousPolicy:
         self.stored = CtcCounts()
         self.finished = False
 
-    def reset(self) -> None:
-        self.decoder.reset()
-        self.stored = CtcCounts()
-        self.finished = False
-
     @property
     def committed(self) -> list[int]:
         return self.decoder.committed
@@ -293,7 +283,8 @@ class SimultaneousPolicy:
     def step(self, counts: CtcCounts, context: StageState, source_finished: bool) -> PolicyOutcome:
         """One policy call after a new segment (or the final one at source end)."""
         if self.finished:
-            raise ValueError("the policy already took its final step; reset() it for a new sentence")
+            raise ValueError("the policy already took its final step; a new sentence needs a new "
+                             "policy (Stream.reset())")
         plan, self.stored = plan_step(counts, self.stored, len(self.committed), self.cfg,
                                       source_finished)
         if plan is None:

@@ -51,6 +51,17 @@ def _window(left: np.ndarray, body: np.ndarray, left_width: int, width: int) -> 
     return x
 
 
+def _check_stage_width(stage: Any, name: str, width: int) -> None:
+    """A stage that carries a contract (runtime ``Stage``) must take the window the config says."""
+    contract = getattr(stage, "contract", None)
+    if contract is None:
+        return
+    got = tuple(contract.spec("x").shape)
+    if contract.stage != name or got[1:] != (width,):
+        raise ValueError(f"{name} stage expected input x [B, {width}], got stage "
+                         f"{contract.stage!r} with x {list(got)}")
+
+
 class StreamingSynthesizer:
     """Units in, waveform out, one utterance at a time.
 
@@ -81,6 +92,8 @@ class StreamingSynthesizer:
         if self.chunk < 1 or self.left < 0 or self.right < 0:
             raise ValueError(f"vocoder windows expected left >= 0, chunk >= 1, right >= 0; got "
                              f"{self.left}, {self.chunk}, {self.right}")
+        _check_stage_width(duration_stage, "duration", self.dur_width)
+        _check_stage_width(vocoder_stage, "vocoder", self.voc_width)
         self.reset()
 
     # ---- public API ---------------------------------------------------------------------------

@@ -244,6 +244,7 @@ class Translator:
         self.window = encoder_window_frames(self.config)
         self.hop = encoder_hop_frames(self.config)
         self.segment_length = int(self.config["encoder"]["segment_length"])
+        self.right_context = int(self.config["encoder"]["right_context"])
 
     @property
     def segment_ms(self) -> int:
@@ -305,8 +306,10 @@ class Translator:
     def _final_step(self, stream: Stream) -> list[Event]:
         source_ms = 1000.0 * stream.features.num_samples / stream.features.sample_rate
         asr_before = stream.asr_ctc.count
-        frames = stream.features.num_frames - stream.frame_base
-        valid = encoder_frames(frames)  # encoder frames the real audio makes
+        # Output frames of the full-utterance pass: the last R subsampled frames of the real audio
+        # are only the final segment's right context (torchaudio Emformer.forward semantics).
+        fbank = stream.features.num_frames - stream.frame_base
+        valid = max(0, encoder_frames(fbank) - self.right_context)
         for step in range(stream.encoder_steps, math.ceil(valid / self.segment_length)):
             self._encoder_step(stream, min(self.segment_length, valid - step * self.segment_length))
         events = self._asr_event(stream, asr_before, source_ms)

@@ -19,6 +19,7 @@ weight norm removed) loads by name. Convs are plain: fairseq removes weight norm
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from ..config import VocoderConfig
 
 LRELU_SLOPE = 0.1  # fairseq hifigan.LRELU_SLOPE; the last activation uses F.leaky_relu's 0.01
 FINAL_LRELU_SLOPE = 0.01
+PRE_POST_KERNEL = 7  # conv_pre and conv_post
 
 
 def _conv_padding(kernel: int, dilation: int = 1) -> int:
@@ -113,7 +115,6 @@ class DurationPredictor(nn.Module):
         return self.proj(h).squeeze(2)
 
 
-
 class CodeHiFiGAN(nn.Module):
     """Unit HiFi-GAN generator + duration predictor (fairseq ``CodeGenerator``, no f0/speaker)."""
 
@@ -134,7 +135,8 @@ class CodeHiFiGAN(nn.Module):
         self.dur_predictor = DurationPredictor(cfg.embedding_dim, cfg.duration_hidden,
                                                cfg.duration_kernel)
         ch = cfg.upsample_initial_channel
-        self.conv_pre = nn.Conv1d(cfg.embedding_dim, ch, 7, padding=3)
+        self.conv_pre = nn.Conv1d(cfg.embedding_dim, ch, PRE_POST_KERNEL,
+                                  padding=_conv_padding(PRE_POST_KERNEL))
         self.ups = nn.ModuleList()
         self.resblocks = nn.ModuleList()
         for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)):
@@ -145,7 +147,8 @@ class CodeHiFiGAN(nn.Module):
             self.ups.append(nn.ConvTranspose1d(c_in, c_out, k, u, padding=(k - u) // 2))
             for rk, rd in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes):
                 self.resblocks.append(ResBlock1(c_out, rk, list(rd)))
-        self.conv_post = nn.Conv1d(ch // 2 ** len(cfg.upsample_rates), 1, 7, padding=3)
+        self.conv_post = nn.Conv1d(ch // 2 ** len(cfg.upsample_rates), 1, PRE_POST_KERNEL,
+                                   padding=_conv_padding(PRE_POST_KERNEL))
 
     # ---- whole-sequence reference ------------------------------------------------------------
 
@@ -178,9 +181,9 @@ class CodeHiFiGAN(nn.Module):
         if bool((durations < 1).any()):
             raise ValueError("every duration must be >= 1 frame, got "
                              f"min {int(durations.min())}")
-        rows = [torch.repeat_interleave(u, d.long()) for u, d in zip(units, durations)]
+        rows = [expand_units(u, d) for u, d in zip(units, durations)]
         if len(rows) == 1:
-            return self._generate(self.dict(rows[0]).unsqueeze(0), None)
+            return self.generate(self.dict(rows[0]).unsqueeze(0), None)
         frames = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
         return self.vocoder_step(frames)
 
@@ -202,10 +205,14 @@ class CodeHiFiGAN(nn.Module):
         safe, valid = _valid_ids(ids)
         mask = valid.unsqueeze(1)  # [B, 1, Wv]
         emb = self.dict(safe) * valid.unsqueeze(-1)
-        return self._generate(emb, mask)
+        return self.generate(emb, mask)
 
-    def _generate(self, emb: Tensor, mask: Tensor | None) -> Tensor:
-        """emb [B, T, E] expanded frame embeddings, mask [B, 1, T] or None -> wav [B, T * hop]."""
+    def generate(self, emb: Tensor, mask: Tensor | None) -> Tensor:
+        """The generator: emb [B, T, E] expanded frame embeddings -> wav [B, T * hop].
+
+        ``mask`` [B, 1, T] float (1 = real frame, 0 = outside the utterance; the embedding must
+        already be 0 there) or None when every frame is real (the plain fairseq computation).
+        """
         x = _masked(self.conv_pre(emb.transpose(1, 2)), mask)
         for i, up in enumerate(self.ups):
             if mask is not None:
@@ -249,9 +256,9 @@ def receptive_field(cfg: VocoderConfig) -> tuple[int, int]:
         return lo - reach, hi + reach
 
     def block_reach(k: int, dils: list[int]) -> int:
-        return sum(d * (k - 1) // 2 for d in dils) + len(dils) * ((k - 1) // 2)
+        return sum(_conv_padding(k, d) + _conv_padding(k) for d in dils)
 
-    lo, hi = conv_back(0, cfg.hop_length - 1, 3)  # conv_post (k7)
+    lo, hi = conv_back(0, cfg.hop_length - 1, _conv_padding(PRE_POST_KERNEL))  # conv_post
     for u, k in reversed(list(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes))):
         r = max(block_reach(rk, list(rd))
                 for rk, rd in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes))
@@ -259,6 +266,6 @@ def receptive_field(cfg: VocoderConfig) -> tuple[int, int]:
         # ConvTranspose: output j reads input i iff i*u <= j + p <= i*u + k - 1.
         p = (k - u) // 2
         lo, hi = math.ceil((lo + p - k + 1) / u), math.floor((hi + p) / u)
-    lo, hi = conv_back(lo, hi, 3)  # conv_pre (k7)
+    lo, hi = conv_back(lo, hi, _conv_padding(PRE_POST_KERNEL))  # conv_pre
     return -lo, hi
 
