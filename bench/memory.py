@@ -3,9 +3,11 @@
 A child, because the benchmark process itself holds PyTorch models, other sessions and
 measurement buffers: only a clean process shows what the runtime needs. The child imports the
 runtime (no torch), runs the file through the translator on ONNX Runtime exactly as
-``echostream translate`` does, and reports ``getrusage(RUSAGE_SELF).ru_maxrss`` -- the kernel's
-high-water mark, so short peaks (e.g. during session creation) are not missed the way sampling
-would miss them. The same child also reports its RSS right after ``import`` (the interpreter +
+``echostream translate`` does, and reports the kernel's RSS high-water mark, so short peaks (e.g.
+during session creation) are not missed the way sampling would miss them. On Linux that is
+``VmHWM`` of ``/proc/self/status``, not ``getrusage().ru_maxrss``: Linux carries ``ru_maxrss``
+across fork + exec, so a child of a big parent (this benchmark holds PyTorch models) would report
+the parent's size. The same child also reports its RSS right after ``import`` (the interpreter +
 numpy + onnxruntime floor that any runtime pays, weights or not).
 """
 from __future__ import annotations
@@ -29,8 +31,18 @@ translator = Translator.from_artifacts(artifacts, backend="onnxruntime", segment
                                        threads=threads)
 loaded = psutil.Process().memory_info().rss
 run = translate_file(translator, scan_audio(audio), segment_ms)
-maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-print(json.dumps({"peak_rss_bytes": maxrss_kib * 1024, "import_rss_bytes": floor,
+def high_water():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "VmHWM"
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "ru_maxrss"
+peak, source = high_water()
+print(json.dumps({"peak_rss_bytes": peak, "peak_source": source, "import_rss_bytes": floor,
                   "loaded_rss_bytes": loaded, "torch_imported": "torch" in sys.modules,
                   "events": len(run.events)}))
 """
@@ -41,7 +53,8 @@ def translate_peak_rss(artifacts: str | Path, audio: str | Path, threads: int,
     """Run one ``translate`` of ``audio`` in a child process; return its memory high-water marks.
 
     Returns:
-        ``{"peak_rss_bytes", "import_rss_bytes", "loaded_rss_bytes", "torch_imported", "events"}``.
+        ``{"peak_rss_bytes", "peak_source", "import_rss_bytes", "loaded_rss_bytes",
+        "torch_imported", "events"}``.
     Raises:
         RuntimeError with the child's last stderr lines if it fails.
     """

@@ -3,7 +3,8 @@
 EchoStream: the encoder stage is one fixed-shape graph (state = fixed-capacity caches + a counter),
 so a step at minute 10 should cost what a step at second 5 costs. We reach each position with the
 *real* chained steps (every step's ``next_state`` fed to the next; at 320 ms per step even 10 min is
-only 1875 steps, seconds of compute), then time repeated steps from the state at that position.
+only 1875 steps, seconds of compute on ONNX Runtime), then time repeated steps from the state at
+that position on every backend.
 Random states with the counter set would give the same cost (same shapes, no data-dependent
 control flow), but the real chain is affordable and leaves nothing to argue about.
 
@@ -56,35 +57,44 @@ def segment_seconds(cfg: dict[str, Any]) -> float:
     return cfg["encoder"]["segment_length"] * ENCODER_FRAME_S
 
 
-def emformer_curve(name: str, stage, cfg: dict[str, Any], positions_s: list[float], repeats: int,
-                   warmup: int, seed: int = 0) -> PositionCurve:
-    """Chain real encoder steps on ``stage`` (a runtime ``Stage``) and time steps at each position.
+def emformer_curves(stages: dict[str, Any], cfg: dict[str, Any], positions_s: list[float],
+                    repeats: int, warmup: int, chain: str | None = None,
+                    seed: int = 0) -> dict[str, PositionCurve]:
+    """Chain real encoder steps and time a step on every backend at each position.
+
+    The chain runs on one backend (``chain``, default the first); its host-numpy states are fed to
+    every backend for the timed steps (all backends share the state contract, and the parity suite
+    holds them to the same numbers), so a slow backend does not have to walk 10 minutes itself.
 
     Args:
-        stage: the encoder stage on some backend (``x`` ``[1, 4(S+R)+3, 80]`` -> ``y`` ``[1, S, D]``).
+        stages: backend name -> encoder ``Stage`` (``x`` ``[1, 4(S+R)+3, 80]`` -> ``y`` ``[1, S, D]``).
         positions_s: stream positions (seconds); each is rounded to whole segments.
     Returns:
-        the curve; position ``p`` is the state after ``round(p / segment)`` chained steps.
+        backend name -> curve; position ``p`` is the state after ``round(p / segment)`` steps.
     """
     seg_s = segment_seconds(cfg)
-    spec = stage.contract.data_inputs[0]
+    chain_stage = stages[chain or next(iter(stages))]
+    spec = chain_stage.contract.data_inputs[0]
     rng = np.random.default_rng(seed)
     # A small pool of fbank windows, cycled: the content does not change the cost.
     pool = [rng.standard_normal(spec.concrete_shape(1), dtype=np.float32) for _ in range(8)]
-    curve = PositionCurve(name, notes=f"real chained steps of {seg_s * 1000:.0f} ms; "
-                                      f"{repeats} timed steps from the state at each position")
-    state, done = stage.initial_state(1), 0
+    notes = (f"real chained steps of {seg_s * 1000:.0f} ms (on {chain or next(iter(stages))}); "
+             f"{repeats} timed steps from the state at each position")
+    curves = {name: PositionCurve(name, notes=notes) for name in stages}
+    state, done = chain_stage.initial_state(1), 0
     for position in sorted(positions_s):
         target = max(1, round(position / seg_s))
         while done < target:
-            _, state = stage.run({"x": pool[done % len(pool)]}, state)
+            _, state = chain_stage.run({"x": pool[done % len(pool)]}, state)
             done += 1
         x = pool[done % len(pool)]
-        timing = time_calls(lambda: stage.run({"x": x}, state), repeats, warmup)
-        curve.positions_s.append(position)
-        curve.timings.append(timing)
-        curve.steps.append(done)
-    return curve
+        host_state = chain_stage.state_to_host(state)
+        for name, stage in stages.items():
+            timing = time_calls(lambda: stage.run({"x": x}, host_state), repeats, warmup)
+            curves[name].positions_s.append(position)
+            curves[name].timings.append(timing)
+            curves[name].steps.append(done)
+    return curves
 
 
 def conformer_prefix_bytes(cfg: dict[str, Any], position_s: float) -> int:

@@ -150,7 +150,7 @@ def render_markdown(bench: dict[str, Any]) -> str:
         lines.append(f"| {row['what']} | {value} | {row['op']} {_num(row['goal'])} | {status} | "
                      f"{row['note']} |")
     lines += [""] + _position_section(bench) + _pipeline_section(bench) + _backend_section(bench)
-    lines += _memory_section(bench) + _tensorrt_section(bench)
+    lines += _memory_section(bench) + _tuning_section(bench) + _tensorrt_section(bench)
     return "\n".join(lines) + "\n"
 
 
@@ -248,13 +248,32 @@ def _backend_section(bench: dict[str, Any]) -> list[str]:
         return []
     backends = bench["settings"].get("backends", ["onnxruntime", "torch"])
     lines = ["## 3. Backends: per-stage step time (same thread count, random valid feed)", "",
-             "| stage | " + " | ".join(f"{b} (ms)" for b in backends) + " | ORT / PyTorch |",
-             "|---" * (len(backends) + 2) + "|"]
+             "| stage | " + " | ".join(f"{b} median (min) ms" for b in backends)
+             + " | ORT / PyTorch, medians | ORT / PyTorch, mins |",
+             "|---" * (len(backends) + 3) + "|"]
     for stage, entry in back.items():
-        cells = [f"{1000 * entry[b]['median_s']:.3f}" if b in entry else "-" for b in backends]
+        cells = [f"{1000 * entry[b]['median_s']:.3f} ({1000 * entry[b]['min_s']:.3f})"
+                 if b in entry else "-" for b in backends]
         ratio = entry.get("ratio_onnxruntime_over_torch")
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {_num(ratio) if ratio else '-'} |")
+        best = entry.get("ratio_min_onnxruntime_over_torch")
+        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {_num(ratio)} | {_num(best)} |")
     return lines + [""]
+
+
+def _tuning_section(bench: dict[str, Any]) -> list[str]:
+    tuning = bench.get("tuning")
+    if not tuning:
+        return []
+    lines = ["## ONNX Runtime settings vs pipeline RTF", "",
+             f"`translate` with each thread count and `{tuning['setting']}` (ORT's default: on).", "",
+             "| threads | spinning | RTF median | RTF min |", "|---|---|---|---|"]
+    for v in tuning["variants"]:
+        lines.append(f"| {v['threads']} | {'on' if v['spinning'] else 'off'} | "
+                     f"{_num(v['rtf']['median_s'])} | {_num(v['rtf']['min_s'])} |")
+    best = min(tuning["variants"], key=lambda v: v["rtf"]["median_s"])
+    lines += ["", f"Best: {best['threads']} thread(s), spinning {'on' if best['spinning'] else 'off'} "
+              f"(RTF {_num(best['rtf']['median_s'])}).", ""]
+    return lines
 
 
 def _memory_section(bench: dict[str, Any]) -> list[str]:

@@ -7,6 +7,7 @@ Parts (all on by default; ``--skip`` leaves some out):
    (``ChunkConformerEncoder.encode_prefix``, ``streamspeech`` preset);
 2. ``pipeline`` -- real-time factor of ``translate`` on espeak-ng speech (ONNX Runtime) with a
    per-stage breakdown, FLOPs per stage per audio second and the fraction of the GEMM peak;
+   ``tuning`` -- the same pipeline at 1 / N threads with ORT thread spinning on / off;
 3. ``backends`` -- per-stage step time, ONNX Runtime vs PyTorch eager, same thread count;
 4. ``memory`` -- peak RSS of a ``translate`` run in a fresh process vs the bytes of the weights;
 5. ``tensorrt`` -- the same stage timings and pipeline on TensorRT when a GPU and TensorRT exist.
@@ -31,7 +32,7 @@ from typing import Any
 
 from echostream.errors import BackendUnavailable, EchoStreamError
 
-PARTS = ("position", "pipeline", "backends", "memory", "tensorrt")
+PARTS = ("position", "pipeline", "tuning", "backends", "memory", "tensorrt")
 
 
 @dataclasses.dataclass
@@ -119,6 +120,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         bench["cost_vs_position"] = _position_part(artifacts_dir, settings, log)
     if "pipeline" in parts:
         bench["pipeline"] = _pipeline_part(artifacts_dir, settings, bench, args.audio, out, args.quick, log)
+    if "tuning" in parts:
+        bench["tuning"] = _tuning_part(artifacts_dir, settings, args.audio, out, args.quick, log)
     if "backends" in parts:
         bench["backends"] = _backends_part(artifacts_dir, settings, log)
     if "memory" in parts:
@@ -193,19 +196,18 @@ def _graph_flops(artifacts_dir: Path) -> dict[str, Any]:
 def _position_part(artifacts_dir: Path, settings: Settings, log) -> dict[str, Any]:
     import psutil
 
-    from echostream.bench.position import conformer_curve, emformer_curve, segment_seconds
+    from echostream.bench.position import conformer_curve, emformer_curves, segment_seconds
     from echostream.runtime.artifacts import load_artifacts
     from echostream.runtime.backends import load_stage
 
     artifacts = load_artifacts(artifacts_dir, verify_hashes=False)
     cfg = artifacts.config
-    curves = {}
-    for backend in settings.backends:
-        log(f"position: EchoStream encoder on {backend}, chained to {settings.positions_s[-1]:g} s")
-        stage = load_stage(artifacts, "encoder", backend, **_backend_options(backend, settings))
-        curves[f"echostream_{backend}"] = emformer_curve(
-            f"echostream_{backend}", stage, cfg, settings.positions_s, settings.repeats,
-            settings.warmup).to_dict()
+    log(f"position: EchoStream encoder on {', '.join(settings.backends)}, chained to "
+        f"{settings.positions_s[-1]:g} s")
+    stages = {b: load_stage(artifacts, "encoder", b, **_backend_options(b, settings))
+              for b in settings.backends}
+    curves = {f"echostream_{b}": c.to_dict() for b, c in emformer_curves(
+        stages, cfg, settings.positions_s, settings.repeats, settings.warmup).items()}
     encoder, base_cfg = _baseline_encoder(settings)
     cap = int(0.4 * psutil.virtual_memory().available)
     log(f"position: StreamSpeech prefix re-encode ({settings.baseline_preset}), budget "
@@ -276,6 +278,17 @@ def _speech(audio: Path | None, out: Path, quick: bool) -> dict[str, Any]:
     return speech
 
 
+def _tuning_part(artifacts_dir: Path, settings: Settings, audio: Path | None, out: Path,
+                 quick: bool, log) -> dict[str, Any]:
+    from echostream.bench.tuning import SPINNING, measure_variants
+
+    speech = _speech(audio, out, quick)
+    log(f"tuning: translate at 1 / {settings.threads} threads, {SPINNING} on / off")
+    variants = measure_variants(str(artifacts_dir), speech["path"], settings.segment_ms,
+                                settings.threads, settings.pipeline_repeats)
+    return {"setting": SPINNING, "variants": variants}
+
+
 def _backends_part(artifacts_dir: Path, settings: Settings, log) -> dict[str, Any]:
     from echostream.bench.stage_times import compare_backends
     from echostream.runtime.artifacts import load_artifacts
@@ -293,6 +306,9 @@ def _with_ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
         if "onnxruntime" in entry and "torch" in entry:
             entry["ratio_onnxruntime_over_torch"] = (entry["onnxruntime"]["median_s"]
                                                      / entry["torch"]["median_s"])
+            # Best case of each: least disturbed by other processes on a shared machine.
+            entry["ratio_min_onnxruntime_over_torch"] = (entry["onnxruntime"]["min_s"]
+                                                         / entry["torch"]["min_s"])
     return results
 
 

@@ -39,7 +39,8 @@ def fp16_dir(tiny_artifacts, tmp_path_factory):
 def _types(model) -> dict[str, int]:
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     g = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.value_info) + list(g.output)}
+    values = list(g.input) + list(g.value_info) + list(g.output)
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
     types.update({t.name: t.data_type for t in g.initializer})
     return types
 
@@ -193,8 +194,8 @@ def _check_stage(stage, artifacts, fp16_file, init):
     ref = TorchStage(load_reference_model(artifacts), stage)
     dut = OrtStage(fp16_file, contract, deterministic=True)
     cosines, agreement, ints_equal = _chain(ref, dut, contract, artifacts.config, init, seed=7)
-    print(f"\n{stage} fp16 ({init} state, {STEPS} steps): min cosine "
-          + ", ".join(f"{k}={v:.6f}" for k, v in cosines.items())
+    print(f"\n{stage} fp16 ({init} state, {STEPS} steps): 1 - min cosine "
+          + ", ".join(f"{k}={1 - v:.1e}" for k, v in cosines.items())
           + "".join(f"; argmax agreement {k}={v:.2%}" for k, v in agreement.items()))
     assert ints_equal, f"{stage}: integer counters differ between fp16 and fp32"
     for name, cos in cosines.items():

@@ -26,7 +26,7 @@ def is_word_start(token: int) -> bool:
     return token in WORD_STARTS
 
 
-# ---- a scripted MT decoder stage ------------------------------------------------------------------
+# ---- a scripted MT decoder stage -----------------------------------------------------------------
 
 
 class ScriptedMT(Stage):
@@ -155,7 +155,7 @@ def test_source_end_decodes_to_eos_with_a_total_cap():
         policy.step(CtcCounts(9, 9), context(), source_finished=True)
 
 
-# ---- 3. whole-word mode ------------------------------------------------------------------------------
+# ---- 3. whole-word mode --------------------------------------------------------------------------
 
 
 def test_whole_word_keep():
@@ -189,7 +189,7 @@ def test_whole_word_never_retracts_committed_tokens():
     assert policy.committed == [10, 21]
 
 
-# ---- 4. rollback and text states -------------------------------------------------------------------
+# ---- 4. rollback and text states -----------------------------------------------------------------
 
 
 def test_rollback_keeps_the_last_committed_token_pending():
@@ -227,7 +227,7 @@ def test_committed_text_state_uses_the_source_of_its_step():
     assert [(h[0], h[2]) for h in second.text_states] == [(2, 16)]
 
 
-# ---- 5. incremental CTC -----------------------------------------------------------------------------
+# ---- 5. incremental CTC --------------------------------------------------------------------------
 
 
 def test_incremental_ctc_equals_whole_sequence_for_any_split():
@@ -278,7 +278,7 @@ def test_ctc_never_picks_pad_or_unk_and_unit_head_drops_specials():
         units.accept(np.zeros(5, np.float32))
 
 
-# ---- 6. the agent's control flow, transliterated, on random count sequences --------------------------
+# ---- 6. the agent's control flow, transliterated, on random count sequences ----------------------
 
 
 def agent_reference(counts, oracle, cfg: PolicyConfig):
@@ -338,8 +338,8 @@ def test_policy_matches_the_agent_on_random_counts(seed):
     counts = np.cumsum(rng.integers(0, 3, size=(steps, 2)), axis=0)
     counts = [(int(a), int(s)) for a, s in counts] + [(0, 0)]  # the last step: source finished
 
-    policy, _ = make_policy(oracle, **{f: getattr(cfg, f) for f in
-                                       ("segment_ms", "stride_n", "lagging_k1", "max_target_tokens")})
+    knobs = ("segment_ms", "stride_n", "lagging_k1", "max_target_tokens")
+    policy, _ = make_policy(oracle, **{f: getattr(cfg, f) for f in knobs})
     committed, trace = [], []
     for step_tokens in run_counts(policy, counts, finished_at_end=True):
         committed += step_tokens

@@ -95,10 +95,10 @@ def test_events_are_consistent(reference, translator):
     timings = stream.clock.to_dict()
     assert set(timings) == set(translator.stages)
     assert all(t["calls"] > 0 and t["seconds"] > 0 for t in timings.values())
-    # encoder calls: every real encoder frame is covered by one S-frame step
-    frames = encoder_frames(1 + (len(audio) - 400) // 160)
-    S = translator.segment_length
-    assert timings["encoder"]["calls"] == -(-frames // S)
+    # encoder calls: one S-frame step per started segment of output frames (the last R
+    # subsampled frames are right context only)
+    frames = encoder_frames(1 + (len(audio) - 400) // 160) - translator.right_context
+    assert timings["encoder"]["calls"] == -(-frames // translator.segment_length)
     for e in events:
         assert e.to_json()["type"] == e.kind
 
@@ -235,3 +235,31 @@ def test_onnxruntime_and_torch_backends_give_the_same_events(tiny_artifacts_dir)
         assert a.source_ms == b.source_ms
         if isinstance(a, SpeechChunk):
             np.testing.assert_allclose(a.samples, b.samples, atol=1e-4)
+
+
+@pytest.mark.parametrize("segments,seed", [(9, 0), (10, 1), (13, 2)])
+def test_ctc_tokens_equal_the_full_utterance_pass(tiny_artifacts, translator, segments, seed):
+    """An utterance that ends on an encoder-segment boundary: the streamed ASR and ST CTC tokens
+    equal greedy CTC over the reference model's full-utterance forward pass."""
+    torch = pytest.importorskip("torch", reason="the full-utterance reference needs PyTorch")
+    from echostream.export.torch_backend import load_reference_model
+    from echostream.runtime.ctc import greedy_ctc_decode
+    from echostream.runtime.features import FeatureStream
+
+    S, R = translator.segment_length, translator.right_context
+    fbank = 4 * (segments * S + R) + 3 + seed  # T_sub - R = segments * S output frames
+    audio = bursts(3.0, seed)[: 400 + 160 * (fbank - 1)]
+    _, stream = translate(translator, audio, 3000)
+
+    features = FeatureStream(tiny_artifacts.config["features"], tiny_artifacts.cmvn_mean,
+                             tiny_artifacts.cmvn_std)
+    features.accept_waveform(audio)
+    x = torch.from_numpy(features.frames(0, features.num_frames))[None]
+    with torch.no_grad():
+        out = load_reference_model(tiny_artifacts)(x, torch.tensor([x.shape[1]]))
+    assert out["asr_log_probs"].shape[0] == segments * S
+    pad, unk = tiny_artifacts.config["mt"]["pad"], tiny_artifacts.config["mt"]["unk"]
+    for head, streamed in (("asr_log_probs", stream.asr_tokens), ("st_log_probs",
+                                                                  stream.st_ctc.tokens)):
+        offline = greedy_ctc_decode(out[head][:, 0].numpy(), 0, (pad, unk), (pad,))
+        assert streamed == offline and len(offline) >= 2, head

@@ -96,7 +96,8 @@ class IncrementalCTC:
         """Consume ``[T, V]`` frame scores (T may be 0); return the tokens they complete."""
         scores = np.asarray(log_probs)
         if scores.ndim != 2:
-            raise ValueError(f"CTC scores must be [frames, classes]; got shape {list(scores.shape)}")
+            raise ValueError(
+                f"CTC scores must be [frames, classes]; got shape {list(scores.shape)}")
         if scores.shape[0] == 0:
             return []
         labels = greedy_labels(scores, self.suppress)

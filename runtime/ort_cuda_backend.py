@@ -106,7 +106,7 @@ class OrtCudaStage(OrtStage):
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
         outputs = {s.name: values[i].numpy() for i, s in enumerate(self.contract.data_outputs)}
-        if state is None:
+        if not self.contract.states:
             return outputs, None
         state.swap()
         return outputs, state

@@ -34,9 +34,9 @@ tokens committed, the kept decoder state holds positions 0..N-1, and position N'
 committed token, or ``</s>`` when N = 0) is *pending*: every decode attempt feeds it first, against
 the current source, to get the next-token log-probs. Greedy decoding then feeds each new token in
 turn, snapshotting the state before each feed (``Stage.copy_state``: a backend may reuse buffers).
-Speculative tokens that the budget, the whole-word cut or a READ discard are rolled back by restoring
-the snapshot taken before the new last committed token M was fed, so that M becomes the pending
-input of the next attempt.
+Speculative tokens that the budget, the whole-word cut or a READ discard are rolled back by
+restoring the snapshot taken before the new last committed token M was fed, so that M becomes the
+pending input of the next attempt.
 
 Text states for the unit decoder: the MT decoder's ``hidden`` output for input position k is the
 text state k. StreamSpeech synthesises N+1 states for N tokens (``[</s>] + tokens``). After a write

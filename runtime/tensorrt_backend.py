@@ -268,6 +268,7 @@ class TrtStage(Stage):
 
     @classmethod
     def from_artifacts(cls, artifacts, stage: str, **options: Any) -> "TrtStage":
+        import_tensorrt()  # a missing TensorRT is the first thing to report, not a missing plan
         entry = engine_entry(artifacts.manifest, stage, artifacts.precision)
         return cls(artifacts.root / entry["file"], artifacts.contract(stage), entry=entry, **options)
 
@@ -373,7 +374,7 @@ class TrtStage(Stage):
         self._enqueue((batch, tuple(sorted(addresses.items()))))
         host = {name: buf.download(self.stream) for name, buf in outputs.items()}
         self._sync()
-        if state is None:
+        if not self.contract.states:
             return host, None
         state.swap()
         return host, state

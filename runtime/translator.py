@@ -13,12 +13,17 @@ vocabularies) and a :class:`Stream` per audio stream holding every piece of stat
 One policy step per segment of ``segment_ms`` (a multiple of the exported encoder segment of S
 frames x 40 ms, so a segment is k encoder steps). Per encoder step: the encoder reads a window of
 4(S+R)+3 fbank frames (advancing by 4S) -> S frames ``y`` + ASR log-probs; ``st_ctc`` and
-``mt_source`` consume ``y``; the ASR and ST CTC collapses count tokens. Per segment: the StreamSpeech
-policy (:mod:`echostream.runtime.policy`) decides READ or WRITE; each newly committed text state goes
-through ``unit_decoder`` (25 unit-CTC frames), the incremental unit collapse, and the streaming
-synthesiser. At end of input the fbank tail is zero-padded (in normalised feature space, i.e. the
-CMVN mean) so the last partial segment and its right context can run; CTC outputs of frames past the
-real audio are ignored, the final decode runs to ``</s>``, and the synthesiser is flushed.
+``mt_source`` consume ``y``; the ASR and ST CTC collapses count tokens. Per segment: the
+StreamSpeech policy (:mod:`echostream.runtime.policy`) decides READ or WRITE; each newly committed
+text state goes through ``unit_decoder`` (25 unit-CTC frames), the incremental unit collapse and
+the streaming synthesiser.
+
+At end of input the fbank tail is zero-padded (in normalised feature space, i.e. the CMVN mean) so
+the last partial segment and its right context can run; as in the full-utterance pass, the last R
+encoder frames of the real audio are only right context, and CTC outputs past them are ignored; the
+final decode runs to ``</s>`` and the synthesiser is flushed. Complete segments equal the full pass
+exactly; a partial last segment cannot (the fixed-shape step sees padding where the full pass sees a
+shorter segment, and ``mt_source`` appends all S frames of it).
 
 Streams never share state, so interleaving several streams through one translator gives each
 exactly what it would get alone.
@@ -59,6 +64,9 @@ class StageClock:
     """Per-stage calls and seconds of one stream (computation-aware latency, benchmarks)."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.calls: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
 
@@ -103,9 +111,14 @@ class TimedStage:
 # ---- text helpers ------------------------------------------------------------------------------
 
 
+TEXT_CONTEXT = 8  # tokens of left context that decide spacing (keeps long streams O(1) per event)
+
+
 def incremental_text(vocab: Vocabulary, before: Sequence[int], new: Sequence[int]) -> str:
-    """Text that ``new`` adds after ``before`` (a leading space when it starts a word)."""
-    full, head = vocab.decode([*before, *new]), vocab.decode(list(before))
+    """Text that ``new`` adds after ``before`` (a leading space when it starts a word), so that
+    the texts of successive events concatenate to the decoded whole."""
+    context = list(before[-TEXT_CONTEXT:])
+    full, head = vocab.decode(context + list(new)), vocab.decode(context)
     return full[len(head):] if full.startswith(head) else vocab.decode(list(new))
 
 
@@ -162,9 +175,10 @@ class Stream:
 
         Mid-stream (e.g. at a pause a VAD found) the audio not yet consumed by the encoder is kept
         and the next sentence starts at the next unprocessed segment; after ``input_finished`` the
-        stream becomes a fresh one, ready for new audio.
+        stream becomes a fresh one, ready for new audio (and its compute clock restarts).
         """
         if self.input_done:
+            self.clock.reset()
             self._new_audio()
             self._new_sentence(frame_base=0)
         else:
@@ -286,15 +300,15 @@ class Translator:
         return events
 
     def _segment_ready(self, stream: Stream) -> bool:
-        return stream.features.num_frames >= self._frames_needed(stream, self.steps_per_segment)
+        return stream.features.num_frames >= self._segment_end(stream)
 
-    def _frames_needed(self, stream: Stream, steps: int) -> int:
-        """Absolute fbank frame count that ``steps`` more encoder steps read up to."""
-        last = stream.encoder_steps + steps - 1
+    def _segment_end(self, stream: Stream) -> int:
+        """Absolute fbank frame count the next segment's encoder windows read up to."""
+        last = stream.encoder_steps + self.steps_per_segment - 1
         return stream.frame_base + last * self.hop + self.window
 
     def _segment_step(self, stream: Stream) -> list[Event]:
-        source_ms = self._frames_ms(self._frames_needed(stream, self.steps_per_segment))
+        source_ms = self._frames_ms(self._segment_end(stream))
         asr_before = stream.asr_ctc.count
         for _ in range(self.steps_per_segment):
             self._encoder_step(stream, self.segment_length)
@@ -356,7 +370,8 @@ class Translator:
         tokens = stream.asr_ctc.tokens
         if len(tokens) == before:
             return []
-        text = incremental_text(self.src_vocab, tokens[:before], tokens[before:])
+        text = incremental_text(self.src_vocab, tokens[max(0, before - TEXT_CONTEXT):before],
+                                tokens[before:])
         return [AsrText(text, tuple(tokens[before:]), source_ms, stream.clock.total_ms)]
 
     def _write_events(self, stream: Stream, outcome: PolicyOutcome, source_ms: float,
@@ -414,8 +429,8 @@ def steps_per_segment(config: Mapping[str, Any], segment_ms: int) -> int:
     if (not isinstance(segment_ms, (int, np.integer)) or segment_ms <= 0
             or segment_ms % unit_ms):
         raise SegmentSizeError(
-            f"segment size the encoder cannot serve: segment_ms={segment_ms!r}; expected a positive "
-            f"multiple of the exported encoder segment ({seg_frames} frames x {ENCODER_FRAME_MS} ms "
-            f"= {unit_ms} ms), e.g. {unit_ms}, {2 * unit_ms}, {4 * unit_ms}"
+            f"segment size the encoder cannot serve: segment_ms={segment_ms!r}; expected a "
+            f"positive multiple of the exported encoder segment ({seg_frames} frames x "
+            f"{ENCODER_FRAME_MS} ms = {unit_ms} ms), e.g. {unit_ms}, {2 * unit_ms}, {4 * unit_ms}"
         )
     return int(segment_ms) // unit_ms
