@@ -83,7 +83,8 @@ def gpu_name() -> str | None:
 
 
 def gemm_peak(threads: int, size: int = 2048, repeats: int = 5) -> dict[str, Any]:
-    """fp32 ``[size, size] @ [size, size]`` GFLOP/s on ONNX Runtime, PyTorch and NumPy.
+    """fp32 ``[size, size] @ [size, size]`` GFLOP/s on ONNX Runtime (thread spinning on and off),
+    PyTorch and NumPy; the best median is the peak.
 
     Returns:
         ``{"size", "threads", "engines": {name: {"gflops", "timing"}}, "peak_gflops", "peak_engine"}``;
@@ -92,7 +93,10 @@ def gemm_peak(threads: int, size: int = 2048, repeats: int = 5) -> dict[str, Any
     """
     flops = 2.0 * size ** 3
     engines: dict[str, dict[str, Any]] = {}
-    for name, run in (("onnxruntime", _ort_gemm), ("torch", _torch_gemm), ("numpy", _numpy_gemm)):
+    runners = (("onnxruntime", lambda *a: _ort_gemm(*a, spinning=True)),
+               ("onnxruntime_nospin", lambda *a: _ort_gemm(*a, spinning=False)),
+               ("torch", _torch_gemm), ("numpy", _numpy_gemm))
+    for name, run in runners:
         timing = run(size, threads, repeats)
         if timing is not None:
             engines[name] = {"gflops": flops / timing["median_s"] / 1e9, "timing": timing}
@@ -103,9 +107,10 @@ def gemm_peak(threads: int, size: int = 2048, repeats: int = 5) -> dict[str, Any
             "peak_gflops": engines[best]["gflops"], "peak_engine": best}
 
 
-def _ort_gemm(size: int, threads: int, repeats: int) -> dict[str, Any] | None:
+def _ort_gemm(size: int, threads: int, repeats: int, spinning: bool) -> dict[str, Any] | None:
     """One MatMul graph with the right operand as an initializer, like a stage's weights (so MLAS
-    pre-packs it, as it does for the stage graphs)."""
+    pre-packs it, as it does for the stage graphs); intra-op thread spinning on (ORT's default) or
+    off (better when other processes share the cores)."""
     try:
         import onnx
         import onnxruntime as ort
@@ -122,6 +127,7 @@ def _ort_gemm(size: int, threads: int, repeats: int) -> dict[str, Any] | None:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     a = rng.standard_normal((size, size), dtype=np.float32)
     return time_calls(lambda: session.run(None, {"a": a}), repeats, warmup=2).to_dict()

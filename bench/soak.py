@@ -14,8 +14,10 @@ compute time (accept + decode wall time of the chunks that completed policy segm
 the segments), the number of Python objects, the total bytes and shapes of every state tensor, and
 the buffered fbank frames. At the end it prints and stores three verdicts:
 
-- ``state``: no state tensor ever changed shape and no buffer grows (the largest buffered frame
-  count and pending synthesiser units of the second half are no larger than in the first half);
+- ``state``: no state tensor ever changed shape, no buffer grows (the largest buffered frame
+  count and pending synthesiser units of the second half are no larger than in the first half), and
+  the number of live Python objects grows by at most 100 after the warm-up (a Python-level leak of
+  one object per segment or sentence shows up here long before it shows in RSS);
 - ``rss``: RSS grows < ``--max-rss-growth`` (5 %) after the warm-up (first 10 % of the audio, at
   least one interval, at most 5 minutes);
 - ``time``: per-segment time is flat: the median of the last quarter of the post-warm-up intervals
@@ -140,7 +142,7 @@ class Interval:
     audio_s: float  # audio fed so far (end of this interval)
     wall_s: float  # wall time since the start
     rss_mib: float
-    py_objects: int
+    py_objects: int  # objects the garbage collector tracks (this script's records excluded)
     segments: int
     seg_ms_median: float | None
     seg_ms_p95: float | None
@@ -259,23 +261,27 @@ class Soak:
 
     def _record(self) -> None:
         w = self._window
-        signature = state_signature(self.stream)
         seg = np.asarray(w.seg_ms) if w.seg_ms else None
-        audio_in_window = self.interval_s if not self.records else self.audio_s - self.records[-1].audio_s
+        audio_in_window = self.audio_s - (self.records[-1].audio_s if self.records else 0.0)
+        timing = {"seg_ms_median": None, "seg_ms_p95": None, "seg_ms_max": None}
+        if seg is not None:
+            timing = {"seg_ms_median": round(float(np.median(seg)), 3),
+                      "seg_ms_p95": round(float(np.percentile(seg, 95)), 3),
+                      "seg_ms_max": round(float(seg.max()), 3)}
+        states = host_states(self.stream)
+        changed = w.state_changed or state_signature(self.stream) != self.signature
+        # Memory last, after everything above has allocated what it needs.
+        rss = rss_bytes()
+        objects = len(gc.get_objects()) - len(self.records)  # the soak's own records excluded
         record = Interval(
             audio_s=round(self.audio_s, 3), wall_s=round(time.perf_counter() - self._start, 3),
-            rss_mib=round(rss_bytes() / 2**20, 2), py_objects=len(gc.get_objects()),
-            segments=len(w.seg_ms),
-            seg_ms_median=None if seg is None else round(float(np.median(seg)), 3),
-            seg_ms_p95=None if seg is None else round(float(np.percentile(seg, 95)), 3),
-            seg_ms_max=None if seg is None else round(float(seg.max()), 3),
+            rss_mib=round(rss / 2**20, 2), py_objects=objects, segments=len(w.seg_ms), **timing,
             rtf=round(w.compute_s / max(audio_in_window, 1e-9), 4), sentences=w.sentences,
             flush_ms_max=round(max(w.flush_ms), 3) if w.flush_ms else None,
-            state_bytes=sum(a.nbytes for arrays in host_states(self.stream).values()
-                            for a in arrays.values()),
-            state_changed=w.state_changed or signature != self.signature,
-            buffered_frames_max=w.buffered_max, pending_units_max=w.pending_max,
-            asr_tokens=w.asr, translation_tokens=w.tokens, speech_samples=w.samples,
+            state_bytes=sum(a.nbytes for arrays in states.values() for a in arrays.values()),
+            state_changed=changed, buffered_frames_max=w.buffered_max,
+            pending_units_max=w.pending_max, asr_tokens=w.asr, translation_tokens=w.tokens,
+            speech_samples=w.samples,
         )
         self.records.append(record)
         self._window = _Window()
@@ -288,25 +294,32 @@ class Soak:
 
 
 def warmup_count(records: list[Interval]) -> int:
-    """Intervals that count as warm-up: the first 10 % of the audio, >= 1, <= 5 minutes."""
+    """Intervals that count as warm-up: the first 10 % of the audio (at most 5 minutes), and at
+    least until both kinds of sentence end (flush, cut) have run once; >= 1."""
     if not records:
         return 0
     limit = min(WARMUP_FRACTION * records[-1].audio_s, WARMUP_MAX_S)
-    return max(1, sum(r.audio_s <= limit for r in records))
+    by_audio = sum(r.audio_s <= limit for r in records)
+    ends = np.cumsum([r.sentences for r in records])
+    by_sentences = int(np.searchsorted(ends, 2)) + 1  # first record with >= 2 sentence ends
+    return min(len(records), max(1, by_audio, by_sentences))
 
 
-def verdicts(records: list[Interval], max_rss_growth: float = 0.05,
-             max_time_ratio: float = 1.25) -> dict[str, dict[str, Any]]:
+def verdicts(records: list[Interval], max_rss_growth: float = 0.05, max_time_ratio: float = 1.25,
+             max_new_objects: int = 100) -> dict[str, dict[str, Any]]:
     """The three verdicts (see the module docstring), each ``{"ok": bool, ...numbers}``."""
     warm = warmup_count(records)
     after = records[warm:]
     half = len(records) // 2
     first, second = records[:max(half, 1)], records[half:] or records
+    new_objects = max(r.py_objects for r in records[warm - 1:]) - records[warm - 1].py_objects
     state = {
         "ok": not any(r.state_changed for r in records)
               and max(r.buffered_frames_max for r in second) <= max(r.buffered_frames_max for r in first)
-              and max(r.pending_units_max for r in second) <= max(r.pending_units_max for r in first),
+              and max(r.pending_units_max for r in second) <= max(r.pending_units_max for r in first)
+              and new_objects <= max_new_objects,
         "state_changed": any(r.state_changed for r in records),
+        "new_py_objects_after_warmup": new_objects,
         "state_bytes": sorted({r.state_bytes for r in records}),
         "buffered_frames_max": [max(r.buffered_frames_max for r in part) for part in (first, second)],
         "pending_units_max": [max(r.pending_units_max for r in part) for part in (first, second)],
@@ -320,8 +333,7 @@ def verdicts(records: list[Interval], max_rss_growth: float = 0.05,
     growth = (peak - base) / base
     out["rss"] = {"ok": growth < max_rss_growth, "after_warmup_mib": base, "peak_mib": peak,
                   "final_mib": records[-1].rss_mib, "growth": round(growth, 4),
-                  "limit": max_rss_growth, "warmup_intervals": warm,
-                  "py_objects": [records[warm - 1].py_objects, records[-1].py_objects]}
+                  "limit": max_rss_growth, "warmup_intervals": warm}
     timed = [r.seg_ms_median for r in after if r.seg_ms_median is not None]
     quarter = max(1, len(timed) // 4)
     early, late = float(np.median(timed[:quarter])), float(np.median(timed[-quarter:]))
@@ -347,9 +359,13 @@ def render_plot(result: dict[str, Any], path: Path) -> bool:
     records = result["records"]
     minutes = [r["audio_s"] / 60 for r in records]
     fig, (ax_mem, ax_time) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    ax_mem.plot(minutes, [r["rss_mib"] for r in records], marker=".")
+    ax_mem.plot(minutes, [r["rss_mib"] for r in records], marker=".", label="RSS")
+    rss = result["verdicts"]["rss"]
+    if "after_warmup_mib" in rss:  # the pass/fail line: +5 % over the RSS after warm-up
+        ax_mem.axhline(rss["after_warmup_mib"] * (1 + rss["limit"]), color="tab:red", ls="--",
+                       label=f"after warm-up +{100 * rss['limit']:.0f} %")
+        ax_mem.legend()
     ax_mem.set_ylabel("RSS (MiB)")
-    ax_mem.set_ylim(bottom=0)
     ax_mem.set_title(f"soak: {result['settings']['artifacts_name']}, "
                      f"{result['settings']['backend']}, segment {result['settings']['segment_ms']} ms")
     for key, label in (("seg_ms_median", "median"), ("seg_ms_p95", "p95")):

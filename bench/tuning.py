@@ -47,8 +47,8 @@ def tuning_variants(threads: int) -> list[dict[str, Any]]:
 
 
 def measure_variants(artifacts_dir: str, audio_path: str, segment_ms: int, threads: int,
-                     repeats: int) -> list[dict[str, Any]]:
-    """Pipeline RTF for every variant (1 warm-up run + ``repeats`` timed runs each).
+                     repeats: int, warmup: int) -> list[dict[str, Any]]:
+    """Pipeline RTF for every variant (``warmup`` untimed + ``repeats`` timed runs each).
 
     Returns:
         per variant ``{"threads", "spinning", "rtf": Timing dict, "stage_ms_per_call": {...}}``.
@@ -64,7 +64,7 @@ def measure_variants(artifacts_dir: str, audio_path: str, segment_ms: int, threa
         with session_config(entries):
             translator = Translator.from_artifacts(artifacts_dir, backend="onnxruntime",
                                                    segment_ms=segment_ms, threads=variant["threads"])
-        runs = translate_runs(translator, audio_path, segment_ms, repeats, warmup=1)
+        runs = translate_runs(translator, audio_path, segment_ms, repeats, warmup)
         last = runs[-1]["stages"]
         results.append({
             **variant, "rtf": Timing.of([r["rtf"] for r in runs]).to_dict(),

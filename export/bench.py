@@ -73,13 +73,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio", type=Path, help="speech file for the pipeline (default: espeak-ng)")
     parser.add_argument("--segment-ms", type=int, default=320, help="policy segment (default 320)")
     parser.add_argument("--baseline-budget-s", type=float, default=None,
-                        help="seconds the StreamSpeech baseline curve may take (default 300; 20 quick)")
+                        help="seconds the StreamSpeech baseline curve may take (default 240; 10 quick)")
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], metavar="PART",
                         help=f"parts to leave out: {', '.join(PARTS)}")
+    parser.add_argument("--render", type=Path, metavar="BENCH.json",
+                        help="measure nothing: re-render bench.md and bench.png (targets rechecked) "
+                             "from a saved bench.json into --out")
 
 
 def main(args: argparse.Namespace) -> int:
-    bench = run_bench(args)
+    bench = render_saved(args.render, args.out) if args.render else run_bench(args)
     out = Path(args.out)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
     missed = [r for r in bench["targets"] if r["met"] is False]
@@ -116,21 +119,46 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     bench["gemm_peak"] = gemm_peak(settings.threads, settings.gemm_size, repeats=5)
     bench["graphs"] = _graph_flops(artifacts_dir)
     parts = [p for p in PARTS if p not in args.skip]
-    if "position" in parts:
-        bench["cost_vs_position"] = _position_part(artifacts_dir, settings, log)
-    if "pipeline" in parts:
-        bench["pipeline"] = _pipeline_part(artifacts_dir, settings, bench, args.audio, out, args.quick, log)
-    if "tuning" in parts:
-        bench["tuning"] = _tuning_part(artifacts_dir, settings, args.audio, out, args.quick, log)
-    if "backends" in parts:
-        bench["backends"] = _backends_part(artifacts_dir, settings, log)
-    if "memory" in parts:
-        bench["memory"] = _memory_part(artifacts_dir, settings, bench, args.audio, out, args.quick, log)
-    bench["tensorrt"] = (_tensorrt_part(artifacts_dir, settings, bench, log) if "tensorrt" in parts
-                         else {"available": False, "note": "skipped (--skip tensorrt)"})
+    runners = {
+        "position": lambda: _position_part(artifacts_dir, settings, log),
+        "pipeline": lambda: _pipeline_part(artifacts_dir, settings, bench, args.audio, out,
+                                           args.quick, log),
+        "tuning": lambda: _tuning_part(artifacts_dir, settings, args.audio, out, args.quick, log),
+        "backends": lambda: _backends_part(artifacts_dir, settings, log),
+        "memory": lambda: _memory_part(artifacts_dir, settings, bench, args.audio, out, args.quick, log),
+        "tensorrt": lambda: _tensorrt_part(artifacts_dir, settings, bench, log),
+    }
+    keys = {"position": "cost_vs_position"}
+    for part in PARTS:
+        if part in parts:
+            bench[keys.get(part, part)] = runners[part]()
+            # Saved after every part: a long run that fails late keeps what it measured.
+            (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
+    if "tensorrt" not in parts:
+        bench["tensorrt"] = {"available": False, "note": "skipped (--skip tensorrt)"}
     bench["targets"] = check_targets(bench)
     bench["elapsed_s"] = log.elapsed()
     (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
+    (out / "bench.md").write_text(render_markdown(bench))
+    render_plot(bench, out / "bench.png")
+    return bench
+
+
+def render_saved(path: Path, out: Path) -> dict[str, Any]:
+    """Re-render the markdown and plot of a saved ``bench.json`` (targets rechecked) into ``out``."""
+    from echostream.bench.report import check_targets, render_markdown, render_plot
+
+    try:
+        bench = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise EchoStreamError(f"cannot read {path}: {exc}") from None
+    if bench.get("schema") != "echostream-bench/1":
+        raise EchoStreamError(f"{path}: expected schema 'echostream-bench/1', got {bench.get('schema')!r}")
+    bench["targets"] = check_targets(bench)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if Path(path).resolve() != (out / "bench.json").resolve():
+        (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
     (out / "bench.md").write_text(render_markdown(bench))
     render_plot(bench, out / "bench.png")
     return bench
@@ -147,12 +175,12 @@ def _settings(args: argparse.Namespace, cores: int) -> Settings:
     return Settings(
         preset=args.preset or ("tiny" if quick else "echostream"),
         threads=threads,
-        repeats=args.repeats or (5 if quick else 20),
-        warmup=args.warmup if args.warmup is not None else (1 if quick else 3),
-        pipeline_repeats=args.pipeline_repeats or (1 if quick else 3),
+        repeats=args.repeats or (5 if quick else 10),
+        warmup=args.warmup if args.warmup is not None else (1 if quick else 2),
+        pipeline_repeats=args.pipeline_repeats or (1 if quick else 2),
         positions_s=QUICK_POSITIONS_S if quick else FULL_POSITIONS_S,
         baseline_preset="tiny (conformer)" if quick else "streamspeech",
-        baseline_budget_s=args.baseline_budget_s or (20.0 if quick else 300.0),
+        baseline_budget_s=args.baseline_budget_s or (10.0 if quick else 240.0),
         gemm_size=512 if quick else 2048,
         segment_ms=args.segment_ms,
         backends=["onnxruntime", "torch"],
@@ -284,8 +312,9 @@ def _tuning_part(artifacts_dir: Path, settings: Settings, audio: Path | None, ou
 
     speech = _speech(audio, out, quick)
     log(f"tuning: translate at 1 / {settings.threads} threads, {SPINNING} on / off")
+    # One run per variant, no warm-up: four more full passes are already the bench's longest part.
     variants = measure_variants(str(artifacts_dir), speech["path"], settings.segment_ms,
-                                settings.threads, settings.pipeline_repeats)
+                                settings.threads, repeats=1, warmup=0)
     return {"setting": SPINNING, "variants": variants}
 
 

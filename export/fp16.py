@@ -226,7 +226,7 @@ class _Rewrite:
 
         for name, inner in self.produced.items():
             self.nodes.append(helper.make_node("Cast", [inner], [name], to=_FLOAT,
-                                               name=f"{name}__to_fp32_cast"))
+                                               name=f"{name}__output_cast"))
         keep = [t for t in self.graph.initializer
                 if t.data_type != _FLOAT or t.name in self.used_inits]
         del self.graph.initializer[:]

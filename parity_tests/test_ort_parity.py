@@ -114,3 +114,21 @@ def test_echostream_preset_export_and_parity(tmp_path, capsys):
     assert artifacts.stages == list(STAGE_NAMES)
     results = run_parity(artifacts, "onnxruntime", steps=10)
     assert all(r.passed for r in results), format_table(results)
+
+
+def test_reference_forward_keeps_the_streamspeech_contract(tiny_model, tiny_config):
+    """``forward``: encoder_out [T, B, D] (T = S*N for 4SN + 4R + 3 fbank frames), both CTC heads."""
+    S, R = tiny_config.encoder.segment_length, tiny_config.encoder.right_context
+    features = torch.randn(2, 4 * S * 5 + 4 * R + 3, 80, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = tiny_model(features, torch.tensor([features.shape[1], 40]))
+    T, D = S * 5, tiny_config.encoder.d_model
+    assert out["encoder_out"][0].shape == (T, 2, D)
+    assert out["encoder_padding_mask"][0].shape == (2, T)
+    assert out["encoder_padding_mask"][0][1].any() and not out["encoder_padding_mask"][0][0].any()
+    for key, vocab in (("asr_log_probs", tiny_config.ctc.src_vocab_size),
+                       ("st_log_probs", tiny_config.ctc.tgt_vocab_size)):
+        assert out[key].shape == (T, 2, vocab)
+        torch.testing.assert_close(out[key].exp().sum(-1), torch.ones(T, 2))
+    with pytest.raises(ValueError, match="unknown stage 'decoder'"):
+        tiny_model.stage_step("decoder")
