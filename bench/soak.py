@@ -11,15 +11,17 @@ reset after every sentence. Sentence ends alternate between the two ways a deplo
 
 Every ``--interval-s`` seconds of *audio* (default 60) it records the process RSS, the per-segment
 compute time (accept + decode wall time of the chunks that completed policy segments, divided by
-the segments), the number of Python objects, the total bytes and shapes of every state tensor, and
-the buffered fbank frames. At the end it prints and stores three verdicts:
+the segments), the number of Python objects, the total bytes of every state tensor, the buffered
+fbank frames and pending synthesiser units; state shapes are checked after every chunk. At the end
+it prints and stores three verdicts:
 
-- ``state``: no state tensor ever changed shape, no buffer grows (the largest buffered frame
+- ``state``: no state tensor ever changed dtype or shape, no buffer grows (the largest buffered frame
   count and pending synthesiser units of the second half are no larger than in the first half), and
   the number of live Python objects grows by at most 100 after the warm-up (a Python-level leak of
   one object per segment or sentence shows up here long before it shows in RSS);
-- ``rss``: RSS grows < ``--max-rss-growth`` (5 %) after the warm-up (first 10 % of the audio, at
-  least one interval, at most 5 minutes);
+- ``rss``: the peak RSS after the warm-up is < ``--max-rss-growth`` (5 %) above the RSS at its end
+  (warm-up: the first 10 % of the audio, at most 5 minutes, and at least until both kinds of
+  sentence end have run);
 - ``time``: per-segment time is flat: the median of the last quarter of the post-warm-up intervals
   is at most ``--max-time-ratio`` (1.25) x the median of the first quarter.
 
@@ -151,7 +153,7 @@ class Interval:
     sentences: int  # sentence ends (flush + cut) within this interval
     flush_ms_max: float | None  # slowest end-of-sentence flush
     state_bytes: int
-    state_changed: bool  # a state tensor's dtype/shape differed from the first one seen
+    state_changed: bool  # after some chunk, a state tensor's dtype/shape differed from the start
     buffered_frames_max: int
     pending_units_max: int
     asr_tokens: int
@@ -221,7 +223,8 @@ class Soak:
             self._pending_s = 0.0
         else:
             self._pending_s += spent
-        w = self._window
+        w = self._window  # probes after the timed region: they cost the stream nothing
+        w.state_changed |= state_signature(stream) != self.signature
         w.buffered_max = max(w.buffered_max, buffered_frames(stream))
         w.pending_max = max(w.pending_max, stream.synthesizer.pending_units)
         previous = self.audio_s

@@ -74,7 +74,8 @@ def build_manifest(root: Path, config: dict[str, Any], stages: dict[str, dict[st
         "cmvn": cmvn or {},
         "reference": {"config": "config.json", "weights": "weights.safetensors"},
         "export": export_info,
-        "versions": package_versions(),
+        "versions": {**package_versions(), "exporter": export_info.get("exporter"),
+                     "opset": export_info.get("opset")},
     }
 
 

@@ -44,6 +44,8 @@ class Tolerance:
     cosine: float | None = None
 
     def passes(self, max_abs: float, cosine: float) -> bool:
+        if not math.isfinite(max_abs):  # NaN/inf outputs fail whatever the rule
+            return False
         if self.max_abs is not None and not max_abs <= self.max_abs:
             return False
         return self.cosine is None or cosine >= self.cosine
@@ -53,11 +55,12 @@ class Tolerance:
 
 
 def tolerance(backend: str, precision: str) -> Tolerance:
-    """DESIGN §8 tolerances (the torch backend compares the reference with itself: ~exact)."""
+    """DESIGN §8 tolerances. The torch backend is the reference itself: chains are exact, and
+    batched vs alone differs only by BLAS blocking (~1e-6)."""
     if precision == "fp16":
         return Tolerance(cosine=0.999)
     return {"onnxruntime": Tolerance(max_abs=1e-4), "tensorrt": Tolerance(max_abs=1e-3),
-            "torch": Tolerance(max_abs=1e-6)}[backend]
+            "torch": Tolerance(max_abs=1e-5)}[backend]
 
 
 @dataclass
@@ -110,7 +113,8 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
         return 1.0
     if na < 1e-30 or nb < 1e-30 or not (np.isfinite(na) and np.isfinite(nb)):
         return 0.0
-    return float(np.dot(a, b) / (na * nb))
+    cos = float(np.dot(a, b) / (na * nb))
+    return cos if math.isfinite(cos) else 0.0
 
 
 @dataclass

@@ -44,7 +44,7 @@ def test_folder_holds_every_file_with_its_hash(tiny_artifacts_dir):
     assert manifest["format"] == FORMAT_NAME and manifest["format_version"] == FORMAT_VERSION
     assert json.loads((root / "config.json").read_text()) == manifest["config"]
     assert manifest["export"]["opset"] == 18
-    for key in ("echostream", "torch", "onnx", "onnxruntime", "onnxscript", "python"):
+    for key in ("echostream", "torch", "onnx", "onnxruntime", "onnxscript", "python", "exporter", "opset"):
         assert manifest["versions"][key], key
     assert manifest["created"].endswith("Z")
 

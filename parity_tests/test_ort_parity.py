@@ -11,7 +11,8 @@ import torch
 from echostream import cli
 from echostream.contract import STAGE_NAMES
 from echostream.export.manifest import add_files
-from echostream.export.parity import Comparison, cosine_similarity, format_table, run_parity
+from echostream.export.parity import (Comparison, Tolerance, cosine_similarity, format_table,
+                                      run_parity)
 from echostream.export.torch_backend import TorchStage
 from echostream.models.weights import load_checkpoint, save_checkpoint
 from echostream.runtime.artifacts import load_artifacts
@@ -66,6 +67,11 @@ def test_comparison_metrics():
     assert cmp.int_mismatch == ["n"]
     assert cosine_similarity(np.zeros(3), np.zeros(3)) == 1.0
     assert cosine_similarity(np.zeros(3), np.ones(3)) == 0.0
+    assert cosine_similarity(np.ones(3), np.array([1.0, np.nan, 1.0])) == 0.0
+    nan = Comparison()
+    nan.add("y", a, np.full(3, np.nan, np.float32))
+    assert not Tolerance(cosine=0.999).passes(nan.max_abs, nan.cosine)
+    assert not Tolerance(max_abs=1e-4).passes(nan.max_abs, nan.cosine)
     with pytest.raises(ValueError, match=r"y: shape expected \[3\], got \[2\]"):
         cmp.add("y", a, a[:2])
 
