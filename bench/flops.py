@@ -78,8 +78,7 @@ def node_flops(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     out_name = node.output[0]
     if out_name not in shapes:
         raise ValueError(f"{node.op_type} node {node.name!r}: output shape unknown after inference")
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    weight = shape(1)
+    weight = shape(1)  # its dim 1 is already per group (Cin/g, or Cout/g for ConvTranspose)
     kernel = math.prod(weight[2:])
     if node.op_type == "Conv":
         # out [N, Cout, *spatial]; weight [Cout, Cin/g, *k]: every output reads Cin/g * k inputs.

@@ -112,7 +112,6 @@ def _ort_gemm(size: int, threads: int, repeats: int, spinning: bool) -> dict[str
     pre-packs it, as it does for the stage graphs); intra-op thread spinning on (ORT's default) or
     off (better when other processes share the cores)."""
     try:
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:

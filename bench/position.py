@@ -36,6 +36,7 @@ class PositionCurve:
     positions_s: list[float] = field(default_factory=list)
     timings: list[Timing] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)  # chained steps behind each point (Emformer)
+    paired: list[Timing] = field(default_factory=list)  # a reference timed beside each point
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"position_s", "reason"}
     notes: str = ""
 
@@ -48,7 +49,8 @@ class PositionCurve:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "notes": self.notes, "skipped": self.skipped,
                 "points": [{"position_s": p, **t.to_dict(),
-                            **({"steps": self.steps[i]} if self.steps else {})}
+                            **({"steps": self.steps[i]} if self.steps else {}),
+                            **({"paired": self.paired[i].to_dict()} if self.paired else {})}
                            for i, (p, t) in enumerate(zip(self.positions_s, self.timings))]}
 
 
@@ -60,11 +62,14 @@ def segment_seconds(cfg: dict[str, Any]) -> float:
 def emformer_curves(stages: dict[str, Any], cfg: dict[str, Any], positions_s: list[float],
                     repeats: int, warmup: int, chain: str | None = None,
                     seed: int = 0) -> dict[str, PositionCurve]:
-    """Chain real encoder steps and time a step on every backend at each position.
+    """Chain real encoder steps, then time a step on every backend at each position.
 
-    The chain runs on one backend (``chain``, default the first); its host-numpy states are fed to
-    every backend for the timed steps (all backends share the state contract, and the parity suite
-    holds them to the same numbers), so a slow backend does not have to walk 10 minutes itself.
+    The chain runs on one backend (``chain``, default the first) and keeps the host-numpy state
+    at every position; every backend is then timed from those states (all backends share the
+    state contract, and the parity suite holds them to the same numbers), so a slow backend does
+    not have to walk 10 minutes itself. Timing is *interleaved*: each round times one step at
+    every position, so a change in machine load over the run hits all positions alike instead of
+    masquerading as a cost that depends on position.
 
     Args:
         stages: backend name -> encoder ``Stage`` (``x`` ``[1, 4(S+R)+3, 80]`` -> ``y`` ``[1, S, D]``).
@@ -73,27 +78,37 @@ def emformer_curves(stages: dict[str, Any], cfg: dict[str, Any], positions_s: li
         backend name -> curve; position ``p`` is the state after ``round(p / segment)`` steps.
     """
     seg_s = segment_seconds(cfg)
-    chain_stage = stages[chain or next(iter(stages))]
+    chain_name = chain or next(iter(stages))
+    chain_stage = stages[chain_name]
     spec = chain_stage.contract.data_inputs[0]
     rng = np.random.default_rng(seed)
     # A small pool of fbank windows, cycled: the content does not change the cost.
     pool = [rng.standard_normal(spec.concrete_shape(1), dtype=np.float32) for _ in range(8)]
-    notes = (f"real chained steps of {seg_s * 1000:.0f} ms (on {chain or next(iter(stages))}); "
-             f"{repeats} timed steps from the state at each position")
-    curves = {name: PositionCurve(name, notes=notes) for name in stages}
+    positions = sorted(positions_s)
+    states, steps = [], []  # host state (and step count) at each position
     state, done = chain_stage.initial_state(1), 0
-    for position in sorted(positions_s):
-        target = max(1, round(position / seg_s))
-        while done < target:
+    for position in positions:
+        while done < max(1, round(position / seg_s)):
             _, state = chain_stage.run({"x": pool[done % len(pool)]}, state)
             done += 1
-        x = pool[done % len(pool)]
-        host_state = chain_stage.state_to_host(state)
-        for name, stage in stages.items():
-            timing = time_calls(lambda: stage.run({"x": x}, host_state), repeats, warmup)
-            curves[name].positions_s.append(position)
-            curves[name].timings.append(timing)
-            curves[name].steps.append(done)
+        states.append(chain_stage.state_to_host(state))
+        steps.append(done)
+    x = pool[0]
+    notes = (f"real chained steps of {seg_s * 1000:.0f} ms (on {chain_name}); {repeats} timed "
+             "steps per position, interleaved across positions")
+    curves = {}
+    for name, stage in stages.items():
+        for host_state in states:  # warm-up at every position
+            for _ in range(warmup):
+                stage.run({"x": x}, host_state)
+        seconds: list[list[float]] = [[] for _ in positions]
+        for _ in range(repeats):
+            for i, host_state in enumerate(states):
+                start = time.perf_counter()
+                stage.run({"x": x}, host_state)
+                seconds[i].append(time.perf_counter() - start)
+        curves[name] = PositionCurve(name, list(positions), [Timing.of(s) for s in seconds],
+                                     list(steps), notes=notes)
     return curves
 
 
@@ -108,8 +123,11 @@ def conformer_prefix_bytes(cfg: dict[str, Any], position_s: float) -> int:
 
 def conformer_curve(encoder, cfg: dict[str, Any], positions_s: list[float], repeats: int,
                     warmup: int, budget_s: float, memory_cap_bytes: int,
-                    seed: int = 0) -> PositionCurve:
+                    paired: Callable[[], Any] | None = None, seed: int = 0) -> PositionCurve:
     """Time ``encoder.encode_prefix`` (StreamSpeech's per-segment cost) at each position.
+
+    ``paired`` (e.g. one EchoStream step) is timed right after every baseline measurement, so the
+    speedup at each position compares two costs taken under the same machine load.
 
     Args:
         encoder: a ``ChunkConformerEncoder`` in eval mode.
@@ -147,5 +165,7 @@ def conformer_curve(encoder, cfg: dict[str, Any], positions_s: list[float], repe
                                    warmup, budget_s=max(left, 1e-3))
         curve.positions_s.append(position)
         curve.timings.append(timing)
+        if paired is not None:
+            curve.paired.append(time_calls(paired, repeats=5, warmup=1))
         last = (position, timing.median_s)
     return curve

@@ -115,3 +115,18 @@ def tiny_artifacts_copy(tiny_artifacts_dir, tmp_path) -> Path:
     out = tmp_path / "tiny"
     shutil.copytree(tiny_artifacts_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def echostream_artifacts_dir(tmp_path_factory) -> Path:
+    """The full-size ``echostream`` preset exported once per session, fp32 and fp16 graphs.
+
+    Only ``@pytest.mark.slow`` tests use it: the export takes 4-6 minutes on 2 CPU cores and the
+    folder is about 1 GB (so it is not cached between sessions).
+    """
+    from echostream.export.commands import export_artifacts
+
+    out = tmp_path_factory.mktemp("artifacts") / "echostream"
+    export_artifacts(out, preset="echostream", precision="fp16", force=True, progress=False,
+                     log=lambda _: None)
+    return out

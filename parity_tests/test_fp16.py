@@ -213,16 +213,11 @@ def test_fp16_stage_matches_fp32_reference(stage, init, tiny_artifacts, fp16_dir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["encoder", "mt_decoder"])
-def test_fp16_full_size_preset(stage, tmp_path):
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_fp16_full_size_preset(stage, echostream_artifacts_dir):
     """The echostream preset (16-layer Emformer, 4-layer 512-d MT decoder), random weights."""
-    from echostream.export.commands import export_artifacts
     from echostream.runtime.artifacts import load_artifacts
 
-    out = tmp_path / "echostream"
-    export_artifacts(out, preset="echostream", stages=[stage], precision="fp16", force=True,
-                     progress=False, log=lambda _: None)
-    artifacts = load_artifacts(out)
-    cfg = artifacts.config
-    assert stage_contract(stage, cfg) == artifacts.contract(stage)
-    _check_stage(stage, artifacts, out / f"{stage}.fp16.onnx", "zero")
+    artifacts = load_artifacts(echostream_artifacts_dir)
+    assert stage_contract(stage, artifacts.config) == artifacts.contract(stage)
+    _check_stage(stage, artifacts, echostream_artifacts_dir / f"{stage}.fp16.onnx", "zero")

@@ -1,0 +1,131 @@
+"""End to end through the exported graphs: `echostream translate` on real speech, and fp16 vs fp32.
+
+- the CLI streams espeak-ng speech through the tiny artifacts (fast) and once through the full
+  ``echostream`` preset (slow), printing text as it arrives and writing speech + JSON;
+- the fp16 graphs (ONNX Runtime CPU) agree with the fp32 graphs on >= 99 % of the emitted token and
+  unit ids over a whole utterance, on the tiny and the echostream presets (DESIGN §8).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from echostream import cli
+from echostream.runtime.events import AsrText, SpeechChunk, TranslationText
+from echostream.runtime.policy import PolicyConfig
+from echostream.runtime.translator import Translator
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng not installed (apt-get install espeak-ng)")
+SENTENCE = "The quick brown fox jumps over the lazy dog. Streaming translation speaks while you talk."
+
+
+def speak(path: Path, text: str = SENTENCE) -> Path:
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text], check=True,
+                   capture_output=True)
+    return path
+
+
+def speech_like(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
+    """Voiced bursts (harmonics of a gliding f0 + noise) separated by pauses, seeded."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(int(seconds * rate), np.float32)
+    start = 0
+    while start < len(out):
+        n = int(rng.uniform(0.15, 0.5) * rate)
+        t = np.arange(min(n, len(out) - start)) / rate
+        f0 = rng.uniform(90, 250) * (1 + 0.2 * t)
+        voiced = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 6))
+        out[start:start + len(t)] = 0.3 * voiced + 0.02 * rng.standard_normal(len(t))
+        start += n + int(rng.uniform(0.05, 0.3) * rate)
+    return out
+
+
+def run_cli(artifacts: Path, wav: Path, tmp_path: Path, capsys) -> dict:
+    out_wav, out_json = tmp_path / "out.wav", tmp_path / "out.json"
+    code = cli.main(["translate", str(wav), "--artifacts", str(artifacts), "--backend",
+                     "onnxruntime", "--segment-ms", "320", "--out", str(out_wav),
+                     "--json", str(out_json)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = json.loads(out_json.read_text())
+    samples, rate = sf.read(out_wav)
+    assert rate == 16000
+    speech = report["speech"]["num_samples"]
+    assert len(samples) == speech
+    kinds = {e["type"] for e in report["events"]}
+    assert {"asr", "translation"} <= kinds, kinds
+    assert "AL" in json.dumps(report["metrics"])
+    return report
+
+
+@needs_espeak
+def test_translate_real_speech_tiny(tiny_artifacts_dir, tmp_path, capsys):
+    run_cli(tiny_artifacts_dir, speak(tmp_path / "speech.wav"), tmp_path, capsys)
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_translate_real_speech_echostream(echostream_artifacts_dir, tmp_path, capsys):
+    report = run_cli(echostream_artifacts_dir, speak(tmp_path / "speech.wav"), tmp_path, capsys)
+    assert any(e["type"] == "speech" for e in report["events"])
+
+
+def emitted_ids(translator: Translator, audio: np.ndarray) -> dict[str, list[int]]:
+    stream = translator.create_stream()
+    events = []
+    for start in range(0, len(audio), 5120):
+        stream.accept_waveform(16000, audio[start:start + 5120])
+        events += translator.decode(stream)
+    stream.input_finished()
+    events += translator.decode(stream)
+    return {
+        "asr": [t for e in events if isinstance(e, AsrText) for t in e.token_ids],
+        "translation": [t for e in events if isinstance(e, TranslationText) for t in e.token_ids],
+        "units": [u for e in events if isinstance(e, SpeechChunk) for u in e.unit_ids],
+    }
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    """Position-wise agreement over the longer sequence (a length mismatch counts as errors)."""
+    n = max(len(a), len(b))
+    return 1.0 if n == 0 else sum(x == y for x, y in zip(a, b)) / n
+
+
+def check_fp16_agreement(artifacts: Path, seconds: float, policy: PolicyConfig | None = None):
+    audio = speech_like(seconds)
+    ref = emitted_ids(Translator.from_artifacts(artifacts, precision="fp32", policy=policy,
+                                                deterministic=True), audio)
+    half = emitted_ids(Translator.from_artifacts(artifacts, precision="fp16", policy=policy,
+                                                 deterministic=True), audio)
+    assert len(ref["asr"]) >= 3 and len(ref["translation"]) >= 3, "too little output to compare"
+    for kind in ref:
+        score = agreement(ref[kind], half[kind])
+        print(f"{artifacts.name} fp16 vs fp32 {kind}: {score:.2%} of {len(ref[kind])}")
+        assert score >= 0.99, f"{kind}: fp16 agrees with fp32 on {score:.2%} (< 99 %)"
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16_dir(tiny_artifacts_dir, tmp_path_factory) -> Path:
+    from echostream.export.commands import export_artifacts
+
+    out = tmp_path_factory.mktemp("fp16") / "tiny"
+    export_artifacts(out, preset="tiny", precision="fp16", force=True, progress=False,
+                     log=lambda _: None)
+    return out
+
+
+def test_fp16_token_agreement_tiny(tiny_fp16_dir):
+    check_fp16_agreement(tiny_fp16_dir, seconds=6.0, policy=PolicyConfig(max_target_tokens=30))
+
+
+@pytest.mark.slow
+def test_fp16_token_agreement_echostream(echostream_artifacts_dir):
+    check_fp16_agreement(echostream_artifacts_dir, seconds=6.0,
+                         policy=PolicyConfig(max_target_tokens=30))
