@@ -7,7 +7,6 @@ streaming window trivial: ``N`` encoder frames need ``4N + 3`` fbank frames, and
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 

@@ -10,7 +10,7 @@ as a user or a supervisor script would, and checks what that user sees:
   16 kHz WAV whose length matches the JSON report, and the report describing the input as it was;
 - an existing output is never replaced without ``--force``.
 
-The matrix is the table in ``docs/reliability.md``; each row is one test id here. Cases that need a
+The matrix is the table in ``README.md``; each row is one test id here. Cases that need a
 library to be absent (TensorRT, torch) or present in another version (a plan built elsewhere) get it
 from stand-in modules put first on ``PYTHONPATH`` (see :func:`block_modules` and
 :func:`fake_gpu_stack`), so every case runs the same way on any machine.
@@ -368,9 +368,9 @@ def test_existing_output_needs_force(tmp_path, tiny_artifacts_dir):
 
 
 def test_matrix_is_documented():
-    """Every row tested here is a row of the table in docs/reliability.md, and vice versa."""
-    doc = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
-    section = doc.read_text().split("## Bad-input matrix", 1)[1].split("\n## ", 1)[0]
+    """Every row tested here is a row of the README's bad-input table, and vice versa."""
+    doc = Path(__file__).resolve().parents[1] / "README.md"
+    section = doc.read_text().split("### Bad-input matrix", 1)[1].split("\n## ", 1)[0]
     rows = {line.split("|")[1].strip() for line in section.splitlines()
             if line.startswith("| ") and not line.startswith("| case")}
     tested = set(REFUSED) | set(ACCEPTED) | {"existing output without --force"}

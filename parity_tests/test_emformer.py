@@ -83,7 +83,7 @@ def test_partial_last_segment():
     """T not a multiple of S: forward covers all T frames, and its complete segments (whose
     right context is real look-ahead) equal the step chain."""
     cfg = tiny_encoder_cfg()
-    S, R = cfg.segment_length, cfg.right_context
+    S = cfg.segment_length
     enc = make_encoder(cfg)
     features = features_for(cfg, 10, batch=1, seed=6)
     extra = torch.randn(1, 4 * (S - 1), cfg.input_dim)  # S-1 more encoder frames

@@ -13,7 +13,7 @@ import torch
 from echostream.contract import duration_contract, vocoder_contract
 from echostream.models.config import get_preset
 from echostream.models.decoders.vocoder import (
-    CodeHiFiGAN, duration_context, durations_from_log, expand_units, receptive_field)
+    CodeHiFiGAN, duration_context, durations_from_log, receptive_field)
 from echostream.runtime.synthesis import StreamingSynthesizer
 from echostream.runtime.synthesis import durations_from_log as np_durations_from_log
 

@@ -18,7 +18,9 @@ from echostream.runtime.stage import Stage
 BACKENDS: dict[str, tuple[str, str]] = {
     # name: (module, what to install when it is missing)
     "onnxruntime": ("echostream.runtime.onnxruntime_backend", "pip install onnxruntime (or onnxruntime-gpu)"),
-    "tensorrt": ("echostream.runtime.tensorrt_backend", "an NVIDIA GPU, TensorRT and cuda-python/torch CUDA"),
+    "onnxruntime-cuda": ("echostream.runtime.ort_cuda_backend",
+                         "pip install onnxruntime-gpu (alone, not beside onnxruntime) and an NVIDIA GPU"),
+    "tensorrt": ("echostream.runtime.tensorrt_backend", "an NVIDIA GPU, TensorRT and cuda-python"),
     "torch": ("echostream.export.torch_backend", "pip install 'echostream[torch]' (PyTorch)"),
 }
 
