@@ -226,3 +226,11 @@ def test_exported_tiny_artifacts_are_clean(tiny_artifacts_copy):
     files, violations = lint_paths([tiny_artifacts_copy])
     assert len(files) == 14
     assert violations == []
+
+
+@pytest.mark.slow
+def test_exported_echostream_artifacts_are_clean(echostream_artifacts_dir, capsys):
+    """The full-size preset: all 14 graphs (fp32 + fp16) pass `echostream lint`."""
+    assert cli_main(["lint", str(echostream_artifacts_dir)]) == 0, capsys.readouterr()
+    files, violations = lint_paths([echostream_artifacts_dir])
+    assert len(files) == 14 and violations == []
