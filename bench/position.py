@@ -152,8 +152,9 @@ def conformer_curve(encoder, cfg: dict[str, Any], positions_s: list[float], repe
             continue
         left = budget_s - (time.perf_counter() - start)
         if last is not None:
-            # Lower bound on one call: linear growth from the last measured point (it is worse).
-            projected = last[1] * position / last[0]
+            # Attention makes a long prefix quadratic: project quadratically from the last point
+            # (an overestimate at short positions, where the linear layers still dominate).
+            projected = last[1] * (position / last[0]) ** 2
             if projected * (1 + warmup) > left:
                 curve.skipped.append({"position_s": position, "reason": (
                     f"one call projected >= {projected:.1f} s; {max(left, 0):.0f} s of the "

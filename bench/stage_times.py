@@ -7,6 +7,7 @@ neither all-open nor all-closed).
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -59,17 +60,33 @@ def time_stage(stage, cfg: Mapping[str, Any], repeats: int, warmup: int, seed: i
 
 
 def compare_backends(stages_by_backend: Mapping[str, Mapping[str, Any]], cfg: Mapping[str, Any],
-                     repeats: int, warmup: int) -> dict[str, dict[str, Any]]:
-    """Time every stage on every backend.
+                     repeats: int, warmup: int, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Time every stage on every backend, *interleaved*: each round runs the stage once on every
+    backend, so both see the same machine load (on a shared machine, timing one backend's calls
+    after the other's compares two different minutes of the machine, not two backends).
 
     Args:
         stages_by_backend: backend name -> stage name -> ``Stage``.
     Returns:
         stage -> {backend -> Timing dict, ...}; the per-stage ratios are the report's business.
     """
+    backends = list(stages_by_backend)
+    names = [n for n in next(iter(stages_by_backend.values()))
+             if all(n in stages_by_backend[b] for b in backends)]
     results: dict[str, dict[str, Any]] = {}
-    for backend, stages in stages_by_backend.items():
-        for name, stage in stages.items():
-            timing = time_stage(stage, cfg, repeats, warmup)
-            results.setdefault(name, {})[backend] = timing.to_dict()
+    for name in names:
+        stage0 = stages_by_backend[backends[0]][name]
+        inputs, context, state = random_feed(stage0.contract, cfg, seed)
+        calls = {b: (lambda st=stages_by_backend[b][name]: st.run(inputs, state, context))
+                 for b in backends}
+        for call in calls.values():
+            for _ in range(warmup):
+                call()
+        seconds: dict[str, list[float]] = {b: [] for b in backends}
+        for _ in range(repeats):
+            for b, call in calls.items():
+                start = time.perf_counter()
+                call()
+                seconds[b].append(time.perf_counter() - start)
+        results[name] = {b: Timing.of(seconds[b]).to_dict() for b in backends}
     return results
