@@ -7,9 +7,9 @@ cores the active stage needs. This part measures ``translate`` with each combina
 count and ``session.intra_op.allow_spinning`` so the report can say which setting the runtime
 should default to, with numbers.
 
-The runtime's ``session_options`` has no knob for spinning yet, so the variants are applied by
-wrapping it for the duration of one measurement (``session_config``); nothing outside this
-benchmark sees the change.
+The runtime's ``session_options`` turns spinning off (this measurement is why); the variants are
+applied by wrapping it for the duration of one measurement (``session_config``), so nothing
+outside this benchmark sees them.
 """
 from __future__ import annotations
 
