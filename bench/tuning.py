@@ -27,9 +27,10 @@ def session_config(entries: Mapping[str, str]) -> Iterator[None]:
     original = backend.session_options
 
     def tuned(threads: int | None = None, deterministic: bool = False):
-        opts = original(threads, deterministic)
+        opts = original(threads, deterministic, allow_spinning=entries.get(SPINNING) == "1")
         for key, value in entries.items():
-            opts.add_session_config_entry(key, value)
+            if key != SPINNING:
+                opts.add_session_config_entry(key, value)
         return opts
 
     backend.session_options = tuned

@@ -39,7 +39,8 @@ def physical_cores() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def session_options(threads: int | None = None, deterministic: bool = False) -> ort.SessionOptions:
+def session_options(threads: int | None = None, deterministic: bool = False,
+                    allow_spinning: bool = False) -> ort.SessionOptions:
     """Full graph optimisation; ``threads`` intra-op threads (default: physical cores).
 
     ``deterministic`` runs one intra- and one inter-op thread so reductions always sum in the same
@@ -56,7 +57,7 @@ def session_options(threads: int | None = None, deterministic: bool = False) -> 
     # A translator holds one session per stage and runs them one after another: spinning pools
     # would keep every idle session's threads busy-waiting on the same cores (measured by
     # `echostream bench`: RTF 0.97 -> 0.54 on 2 cores with spinning off).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     opts.enable_cpu_mem_arena = False  # arenas keep peak-sized blocks per session: 7 sessions
     opts.log_severity_level = 3  # errors only: ORT's warnings are not the user's problem
     return opts
