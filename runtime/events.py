@@ -18,15 +18,15 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class AsrText:
-    """Newly recognised source tokens (streaming ASR from the ASR CTC head)."""
+class _TextEvent:
+    """Text with the token ids it decodes, stamped with the source time of its emission."""
 
     text: str
     token_ids: tuple[int, ...]
     source_ms: float
     compute_ms: float = field(default=0.0, compare=False)  # wall-clock: not part of equality
 
-    kind = "asr"
+    kind = "text"
 
     def to_json(self) -> dict:
         return {"type": self.kind, "text": self.text, "token_ids": list(self.token_ids),
@@ -35,20 +35,17 @@ class AsrText:
 
 
 @dataclass(frozen=True)
-class TranslationText:
+class AsrText(_TextEvent):
+    """Newly recognised source tokens (streaming ASR from the ASR CTC head)."""
+
+    kind = "asr"
+
+
+@dataclass(frozen=True)
+class TranslationText(_TextEvent):
     """Newly committed target tokens (never retracted)."""
 
-    text: str
-    token_ids: tuple[int, ...]
-    source_ms: float
-    compute_ms: float = field(default=0.0, compare=False)  # wall-clock: not part of equality
-
     kind = "translation"
-
-    def to_json(self) -> dict:
-        return {"type": self.kind, "text": self.text, "token_ids": list(self.token_ids),
-                "source_ms": round(float(self.source_ms), 3),
-                "compute_ms": round(float(self.compute_ms), 3)}
 
 
 @dataclass(frozen=True, eq=False)
