@@ -242,3 +242,45 @@ def test_wrong_input_shape_dtype_and_names(tiny_artifacts):
         stage.run({"x": good}, {k: v for k, v in state.items() if k != "memory"})
     with pytest.raises(ValueError, match="inputs names expected"):
         stage.run({"features": good}, state)
+
+
+def test_export_from_checkpoint_keeps_its_weights_vocab_and_cmvn(tmp_path, tiny_config, capsys):
+    """`echostream export --checkpoint DIR`: the graphs compute with the checkpoint's weights (not a
+    seeded init), and its dictionaries and CMVN statistics travel into the artifacts."""
+    import torch
+
+    from echostream.models.weights import build_model, save_checkpoint
+
+    model = build_model(tiny_config)
+    with torch.no_grad():  # make the weights differ from the preset's seeded init
+        model.asr_ctc.proj.weight.mul_(-2.0)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(model, tiny_config, ckpt)
+    pieces = [f"▁w{i}" for i in range(tiny_config.ctc.src_vocab_size - 4)]
+    for name in ("src_dict.txt", "tgt_dict.txt"):
+        (ckpt / name).write_text("".join(f"{p} 1\n" for p in pieces), encoding="utf-8")
+    mean, std = np.full(80, 0.5, np.float32), np.full(80, 2.0, np.float32)
+    np.savez(ckpt / "gcmvn.npz", mean=mean, std=std)
+
+    out = tmp_path / "art"
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--quiet",
+                     "--stages", "encoder"]) == 0, capsys.readouterr().err
+    artifacts = load_artifacts(out)
+    assert artifacts.vocab_placeholder is False
+    np.testing.assert_array_equal(artifacts.cmvn_mean, mean)
+    np.testing.assert_array_equal(artifacts.cmvn_std, std)
+    assert (out / "src_dict.txt").read_text(encoding="utf-8") == (ckpt / "src_dict.txt").read_text(
+        encoding="utf-8")
+
+    # The exported encoder reproduces the checkpoint model, not the seeded preset.
+    contract = artifacts.contract("encoder")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(contract.spec("x").concrete_shape(1), generator=gen)
+    state = {s.name: np.zeros(s.concrete_shape(1), s.dtype) for s in contract.states}
+    got, _ = OrtStage(out / "encoder.onnx", contract, deterministic=True).run({"x": x.numpy()}, state)
+    with torch.no_grad():
+        ref, _ = model.stage_step("encoder")({"x": x}, {k: torch.from_numpy(v) for k, v in state.items()})
+        seeded, _ = build_model(tiny_config).stage_step("encoder")(
+            {"x": x}, {k: torch.from_numpy(v) for k, v in state.items()})
+    np.testing.assert_allclose(got["asr_log_probs"], ref["asr_log_probs"].numpy(), atol=1e-4)
+    assert np.abs(got["asr_log_probs"] - seeded["asr_log_probs"].numpy()).max() > 1e-2
