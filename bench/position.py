@@ -40,12 +40,6 @@ class PositionCurve:
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"position_s", "reason"}
     notes: str = ""
 
-    def median_at(self, position_s: float) -> float | None:
-        for p, t in zip(self.positions_s, self.timings):
-            if abs(p - position_s) < 1e-6:
-                return t.median_s
-        return None
-
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "notes": self.notes, "skipped": self.skipped,
                 "points": [{"position_s": p, **t.to_dict(),

@@ -16,7 +16,7 @@ Every builder takes the model config as a plain dict (``EchoStreamConfig.to_dict
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 BATCH = "B"
@@ -66,7 +66,6 @@ class StageContract:
     data_outputs: tuple[TensorSpec, ...]
     states: tuple[TensorSpec, ...] = ()
     context: tuple[TensorSpec, ...] = ()
-    meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -275,7 +274,3 @@ def stage_contract(stage: str, cfg: dict[str, Any]) -> StageContract:
     except KeyError:
         raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_NAMES)}") from None
     return builder(cfg)
-
-
-def all_contracts(cfg: dict[str, Any]) -> dict[str, StageContract]:
-    return {name: stage_contract(name, cfg) for name in STAGE_NAMES}

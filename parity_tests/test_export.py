@@ -284,3 +284,22 @@ def test_export_from_checkpoint_keeps_its_weights_vocab_and_cmvn(tmp_path, tiny_
             {"x": x}, {k: torch.from_numpy(v) for k, v in state.items()})
     np.testing.assert_allclose(got["asr_log_probs"], ref["asr_log_probs"].numpy(), atol=1e-4)
     assert np.abs(got["asr_log_probs"] - seeded["asr_log_probs"].numpy()).max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_host_backends_never_write_into_their_inputs(tiny_artifacts, backend):
+    """Why ``Stage.copy_state`` may be shallow on host backends: a state passed to ``run`` is
+    unchanged afterwards, so a snapshot taken before a step stays valid for a rollback."""
+    stage = load_stage(tiny_artifacts, "mt_decoder", backend)
+    rng = np.random.default_rng(0)
+    context = {s.name: (rng.integers(1, 9, s.concrete_shape(1)).astype(s.dtype) if s.dtype == "int32"
+                        else rng.standard_normal(s.concrete_shape(1)).astype(s.dtype))
+               for s in stage.contract.context}
+    state = stage.initial_state(1)
+    for token in (2, 5, 7):
+        snapshot = stage.copy_state(state)
+        before = {k: v.copy() for k, v in state.items()}
+        _, state = stage.run({"x": np.array([token], np.int32)}, state, context)
+        for name, value in snapshot.items():
+            np.testing.assert_array_equal(value, before[name], err_msg=f"{backend} wrote into {name}")
+        assert int(state["target_positions"][0]) == int(before["target_positions"][0]) + 1

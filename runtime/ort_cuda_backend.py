@@ -76,7 +76,8 @@ class OrtCudaStage(OrtStage):
         return {name: value.numpy() for name, value in state.current.items()}
 
     def copy_state(self, state: OrtDeviceState) -> OrtDeviceState:
-        # ORT's Python API has no device-to-device copy; a rollback copy is rare, so go via host.
+        # ORT's Python API has no device-to-device copy, so this goes via the host: the MT policy
+        # copies once per generated token, so on this backend that costs a round trip per token.
         return self.state_from_host(self.state_to_host(state))
 
     def run(self, inputs: Mapping[str, np.ndarray], state: OrtDeviceState | None = None,

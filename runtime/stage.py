@@ -48,8 +48,14 @@ class Stage(ABC):
         """
 
     def copy_state(self, state: StageState) -> StageState:
-        """An independent copy (for speculative decoding that may be rolled back)."""
-        return {k: np.array(v, copy=True) for k, v in state.items()}
+        """A copy that later ``run`` calls cannot change (for speculative decoding that may be
+        rolled back; the MT policy takes one per generated token).
+
+        Host backends never write into their input arrays and return fresh outputs, so a host state
+        is immutable and a shallow copy is enough; backends that reuse device buffers (TensorRT,
+        ORT-CUDA) override this with a real copy.
+        """
+        return dict(state)
 
     def state_to_host(self, state: StageState) -> dict[str, np.ndarray]:
         """State as host numpy arrays keyed by state name (for parity checks and debugging)."""
