@@ -120,15 +120,40 @@ def next_name(state: str) -> str:
 # ---- derived sizes (shared with the runtime) --------------------------------------------------
 
 
+ENCODER_WINDOW_LEAD = 3  # fbank frames an encoder window starts before its segment (Conv2D)
+
+
 def encoder_window_frames(cfg: dict[str, Any]) -> int:
-    """Fbank frames read per encoder step: 4(S+R)+3 (two 3x3 stride-2 convs, no time padding)."""
+    """Fbank frames read per encoder step: 4(S+R)+3.
+
+    Two 3x3 stride-2 convs with padding 1: encoder frame ``u`` reads fbank frames ``4u-3 .. 4u+3``,
+    so the window of step ``k`` covers fbank frames ``[4Sk - 3, 4Sk + 4(S+R))`` (zeros before the
+    sentence) and yields frames ``Sk .. Sk+S+R-1`` exactly as the full pass does.
+    """
     enc = cfg["encoder"]
-    return 4 * (enc["segment_length"] + enc["right_context"]) + 3
+    return 4 * (enc["segment_length"] + enc["right_context"]) + ENCODER_WINDOW_LEAD
 
 
 def encoder_hop_frames(cfg: dict[str, Any]) -> int:
     """Fbank frames the encoder window advances per step: 4S."""
     return 4 * cfg["encoder"]["segment_length"]
+
+
+def sentence_source_frames(cfg: dict[str, Any]) -> int:
+    """Encoder frames one sentence may hold: the ST CTC and MT cross-attention capacity."""
+    return int(cfg["sentence"]["max_source_frames"])
+
+
+def sentence_target_tokens(cfg: dict[str, Any]) -> int:
+    """Target tokens one sentence may hold: the MT self-attention, T2U and unit cross-attention
+    capacity (text states before the current one; ``</s>`` + N tokens give N + 1 text states)."""
+    return int(cfg["sentence"]["max_target_tokens"])
+
+
+def unit_self_capacity(cfg: dict[str, Any]) -> int:
+    """Upsampled positions the unit self-attention caches: every row of the previous
+    ``max_target_tokens`` text states."""
+    return int(cfg["unit"]["upsample"]) * sentence_target_tokens(cfg)
 
 
 # ---- per-stage contracts ----------------------------------------------------------------------
@@ -163,7 +188,7 @@ def st_ctc_contract(cfg: dict[str, Any]) -> StageContract:
     S, d = enc["segment_length"], enc["d_model"]
     states = []
     if ctc["st_layers"] > 0:
-        shape = (BATCH, ctc["st_layers"], ctc["st_left_context"], d)
+        shape = (BATCH, ctc["st_layers"], sentence_source_frames(cfg), d)
         states = [TensorSpec("keys", shape), TensorSpec("values", shape),
                   TensorSpec("processed_frames", (BATCH,), INT32)]
     return StageContract(
@@ -176,7 +201,7 @@ def st_ctc_contract(cfg: dict[str, Any]) -> StageContract:
 
 def _cross_cache(cfg: dict[str, Any]) -> tuple[TensorSpec, ...]:
     mt = cfg["mt"]
-    shape = (BATCH, mt["num_layers"], mt["max_source_frames"], mt["d_model"])
+    shape = (BATCH, mt["num_layers"], sentence_source_frames(cfg), mt["d_model"])
     return (TensorSpec("cross_keys", shape), TensorSpec("cross_values", shape),
             TensorSpec("source_frames", (BATCH,), INT32))
 
@@ -195,7 +220,7 @@ def mt_source_contract(cfg: dict[str, Any]) -> StageContract:
 def mt_decoder_contract(cfg: dict[str, Any]) -> StageContract:
     """One target token in -> next-token log-probs and the final hidden state (D_text) out."""
     mt, ctc = cfg["mt"], cfg["ctc"]
-    shape = (BATCH, mt["num_layers"], mt["max_target_tokens"], mt["d_model"])
+    shape = (BATCH, mt["num_layers"], sentence_target_tokens(cfg), mt["d_model"])
     return StageContract(
         "mt_decoder",
         data_inputs=(TensorSpec("x", (BATCH,), INT32),),
@@ -212,9 +237,10 @@ def mt_decoder_contract(cfg: dict[str, Any]) -> StageContract:
 def unit_decoder_contract(cfg: dict[str, Any]) -> StageContract:
     """One committed text state in -> `upsample` unit-CTC frames (log-probs) out."""
     u, mt = cfg["unit"], cfg["mt"]
-    t2u = (BATCH, u["t2u_layers"], u["text_context"], u["d_model"])
-    cross = (BATCH, u["num_layers"], u["text_context"], u["d_model"])
-    own = (BATCH, u["num_layers"], u["unit_context"], u["d_model"])
+    text = sentence_target_tokens(cfg)
+    t2u = (BATCH, u["t2u_layers"], text, u["d_model"])
+    cross = (BATCH, u["num_layers"], text, u["d_model"])
+    own = (BATCH, u["num_layers"], unit_self_capacity(cfg), u["d_model"])
     return StageContract(
         "unit_decoder",
         data_inputs=(TensorSpec("x", (BATCH, mt["d_model"])),),

@@ -215,9 +215,13 @@ def full_utterance_check(model, stage: str, dut, feeds: _Feeds, steps: int) -> C
 
     from echostream.contract import encoder_hop_frames, encoder_window_frames
 
+    from echostream.models.subsampling import step_window
+
     cfg, S = feeds.cfg, feeds.cfg["encoder"]["segment_length"]
     hop, window = encoder_hop_frames(cfg), encoder_window_frames(cfg)
-    features = torch.randn(1, hop * (steps - 1) + window, cfg["encoder"]["input_dim"], generator=feeds.gen)
+    # 4(steps * S + R) frames: T = steps * S output frames, every window on real frames.
+    frames = hop * steps + 4 * cfg["encoder"]["right_context"]
+    features = torch.randn(1, frames, cfg["encoder"]["input_dim"], generator=feeds.gen)
     with torch.inference_mode():
         enc = model.encoder(features)["encoder_out"][0].transpose(0, 1)  # [1, T, D], T = steps * S
         want = {"y": enc, "asr_log_probs": model.asr_ctc(enc)} if stage == "encoder" else \
@@ -225,7 +229,7 @@ def full_utterance_check(model, stage: str, dut, feeds: _Feeds, steps: int) -> C
     state, cmp = dut.initial_state(1), Comparison()
     for k in range(steps):
         if stage == "encoder":
-            inputs = {"x": features[:, k * hop:k * hop + window].numpy()}
+            inputs = {"x": step_window(features, k, hop, window).numpy()}
         else:
             inputs = {"x": enc[:, k * S:(k + 1) * S].numpy()}
         out, state = dut.run(inputs, state)

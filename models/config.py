@@ -62,7 +62,22 @@ class CTCConfig:
     st_layers: int = 2  # 0 = plain linear ST CTC head (released StreamSpeech)
     st_num_heads: int = 4
     st_ffn_dim: int = 2048
-    st_left_context: int = 32  # cached key/value frames per ST layer
+
+
+@dataclass
+class SentenceConfig:
+    """The sentence capacity every decoder-side window is derived from (DESIGN §3).
+
+    Within it, each streaming module equals StreamSpeech's unbounded causal module exactly: the ST
+    CTC layers and the MT cross-attention hold ``max_source_frames`` encoder frames (40 ms each),
+    the MT self-attention ``max_target_tokens`` tokens, the T2U encoder and the unit
+    cross-attention ``max_target_tokens`` text states, the unit self-attention
+    ``upsample x max_target_tokens`` positions. At the capacity the runtime ends the sentence
+    (an ``EndOfSentence`` event says so); no window ever slides inside a sentence.
+    """
+
+    max_source_frames: int = 750  # 30 s of 40 ms encoder frames
+    max_target_tokens: int = 128
 
 
 @dataclass
@@ -73,12 +88,13 @@ class MTDecoderConfig:
     d_model: int = 512
     num_heads: int = 8
     ffn_dim: int = 2048
-    max_target_tokens: int = 128  # self-attention cache capacity (tokens)
-    max_source_frames: int = 750  # cross-attention cache capacity (40 ms frames: 30 s)
     bos: int = 0
     pad: int = 1
     eos: int = 2
     unk: int = 3
+
+
+UNIT_CROSS_ATTENTION = ("block_causal", "full")
 
 
 @dataclass
@@ -94,8 +110,16 @@ class UnitDecoderConfig:
     num_classes: int = 1005  # 4 fairseq specials + 1000 units + blank
     blank: int = 1004
     unit_offset: int = 4  # class index of unit 0
-    text_context: int = 64  # T2U self-attn and unit cross-attn capacity (text states)
-    unit_context: int = 400  # unit self-attn capacity (upsampled positions)
+    # "block_causal": the rows of text state i see T2U states <= i (incremental, one call per
+    # committed text state); "full": every row sees all T2U states of the text (what StreamSpeech's
+    # agent runs, re-decoding the sentence at every write). Both are in the released model's
+    # training distribution (its criterion draws the block stride n2 per batch).
+    cross_attention: str = "block_causal"
+
+    def __post_init__(self) -> None:
+        if self.cross_attention not in UNIT_CROSS_ATTENTION:
+            raise ValueError(f"unit.cross_attention expected one of {list(UNIT_CROSS_ATTENTION)}, "
+                             f"got {self.cross_attention!r}")
 
 
 @dataclass
@@ -136,6 +160,7 @@ class EchoStreamConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     ctc: CTCConfig = field(default_factory=CTCConfig)
+    sentence: SentenceConfig = field(default_factory=SentenceConfig)
     mt: MTDecoderConfig = field(default_factory=MTDecoderConfig)
     unit: UnitDecoderConfig = field(default_factory=UnitDecoderConfig)
     vocoder: VocoderConfig = field(default_factory=VocoderConfig)
@@ -175,6 +200,7 @@ _SECTION_TYPES = {
     "features": FeatureConfig,
     "encoder": EncoderConfig,
     "ctc": CTCConfig,
+    "sentence": SentenceConfig,
     "mt": MTDecoderConfig,
     "unit": UnitDecoderConfig,
     "vocoder": VocoderConfig,
@@ -226,11 +252,10 @@ def tiny_preset() -> EchoStreamConfig:
             depthwise_kernel=7, chunk_size=4,
         ),
         ctc=CTCConfig(src_vocab_size=64, tgt_vocab_size=64, st_layers=2, st_num_heads=2,
-                      st_ffn_dim=64, st_left_context=8),
-        mt=MTDecoderConfig(num_layers=2, d_model=32, num_heads=2, ffn_dim=64,
-                           max_target_tokens=32, max_source_frames=64),
-        unit=UnitDecoderConfig(t2u_layers=1, num_layers=2, d_model=32, num_heads=2, ffn_dim=64,
-                               text_context=16, unit_context=100),
+                      st_ffn_dim=64),
+        sentence=SentenceConfig(max_source_frames=256, max_target_tokens=32),
+        mt=MTDecoderConfig(num_layers=2, d_model=32, num_heads=2, ffn_dim=64),
+        unit=UnitDecoderConfig(t2u_layers=1, num_layers=2, d_model=32, num_heads=2, ffn_dim=64),
         vocoder=VocoderConfig(embedding_dim=16, upsample_initial_channel=32,
                               resblock_kernel_sizes=[3, 5], resblock_dilation_sizes=[[1, 3], [1, 3]],
                               duration_hidden=16, window_left=8, window_chunk=4, window_right=8,

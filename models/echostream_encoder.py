@@ -8,8 +8,9 @@ Two faces that agree to fp32 rounding (``parity_tests/test_emformer.py``):
 - :meth:`EchoStreamEncoder.forward` — full utterance, StreamSpeech's encoder-output contract. The
   last ``R`` subsampled frames are only the final segment's right context, so ``T = T_sub - R``
   output frames (torchaudio ``Emformer.forward`` semantics).
-- :meth:`EchoStreamEncoder.step` — one fbank window ``[B, 4(S+R)+3, 80]`` (advanced by ``4S`` per
-  call) -> ``S`` frames, with the stage state of ``echostream.contract.encoder_contract``:
+- :meth:`EchoStreamEncoder.step` — one fbank window ``[B, 4(S+R)+3, 80]`` starting 3 frames
+  before the segment (zeros before the utterance; advanced by ``4S`` per call) -> ``S`` frames,
+  with the stage state of ``echostream.contract.encoder_contract``:
   ``memory`` ``[B, NL, M, D]``, ``left_keys`` / ``left_values`` ``[B, NL, L, D]``,
   ``processed_segments`` ``[B]`` int32 (one counter per stream, so streams at different positions
   batch correctly). Written for ``torch.onnx.export`` (dynamo, opset 18, batch the only dynamic
@@ -100,7 +101,7 @@ class EchoStreamEncoder(nn.Module):
         R = self.cfg.right_context
         T = frames.shape[1] - R
         if T < 1:
-            raise ValueError(f"features need at least {4 * (R + 1) + 3} frames for one output "
+            raise ValueError(f"features need at least {4 * R + 1} frames for one output "
                              f"frame plus {R} right-context frames, got {F}")
         out_lengths = (subsampled_length(lengths.long()) - R).clamp(0, T)
         out = self.forward_frames(frames, out_lengths)
@@ -160,7 +161,8 @@ class EchoStreamEncoder(nn.Module):
         """One streaming step.
 
         Args:
-            x: ``[B, 4(S+R)+3, input_dim]`` fbank window (advance it by ``4S`` per call).
+            x: ``[B, 4(S+R)+3, input_dim]`` fbank frames ``4Sk-3 .. 4Sk+4(S+R)-1`` of step ``k``
+                (zeros before the utterance; advance the window by ``4S`` per call).
             state: contract state (see module docstring); :meth:`initial_state` for a new stream.
         Returns:
             (``y`` ``[B, S, D]``, next state with the same keys, shapes and dtypes).
@@ -169,7 +171,8 @@ class EchoStreamEncoder(nn.Module):
         if x.dim() != 3 or x.shape[1] != W or x.shape[2] != C:
             raise ValueError(f"encoder step: x expected [B, {W}, {C}], got {list(x.shape)}")
         check_state(self.contract, state, x.shape[0])
-        return self.step_frames(self.subsampling(x), state)
+        frames = self.subsampling.window(x, state[COUNTER] == 0)
+        return self.step_frames(frames, state)
 
     def step_frames(self, frames: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The Emformer stack on one segment of subsampled frames (torchaudio ``Emformer.infer``,

@@ -248,7 +248,7 @@ REFUSED: dict[str, Case] = {
                                      "st_ctc.onnx: sha256 expected", True),
     "manifest from an incompatible version": Case(
         _with_artifacts(lambda a: edit_manifest(a, lambda m: m.update(format_version=99))),
-        "format_version 99 is not supported by this runtime (supported: [1]); upgrade echostream",
+        "format_version 99 is not supported by this runtime (supported: [2]); upgrade echostream",
         True),
     "plan built for another GPU / TensorRT": Case(
         _with_artifacts(add_foreign_plans, ["--backend", "tensorrt"],

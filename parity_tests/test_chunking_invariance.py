@@ -25,7 +25,7 @@ from echostream.runtime.translator import Translator
 RATES = (16000, 8000, 44100, 48000)
 SEGMENTS_MS = (160, 320, 640)
 SECONDS = 2.5
-POLICY = PolicyConfig(max_target_tokens=12)  # keeps the final decode-to-</s> short
+POLICY = PolicyConfig(final_max_len=12)  # keeps the final decode-to-</s> short
 MAX_CHUNK_S = 10.0
 
 

@@ -13,6 +13,7 @@ from echostream.contract import encoder_contract
 from echostream.models.config import EncoderConfig, get_preset
 from echostream.models.echostream_encoder import EchoStreamEncoder
 from echostream.models.state import check_state, random_state
+from echostream.models.subsampling import step_window
 from echostream.models.torchaudio_import import load_torchaudio_emformer
 
 TOL = 1e-5
@@ -28,14 +29,15 @@ def make_encoder(cfg: EncoderConfig, seed: int = 0) -> EchoStreamEncoder:
 
 
 def features_for(cfg: EncoderConfig, segments: int, batch: int, seed: int) -> torch.Tensor:
-    """Fbank features whose subsampled length is exactly ``segments * S + R``."""
-    frames = 4 * (segments * cfg.segment_length + cfg.right_context) + 3
+    """Fbank features whose subsampled length is exactly ``N = segments * S + R`` (``4N`` frames:
+    every window of the chain lies on real frames)."""
+    frames = 4 * (segments * cfg.segment_length + cfg.right_context)
     return torch.randn(batch, frames, cfg.input_dim, generator=torch.Generator().manual_seed(seed))
 
 
 def window(enc: EchoStreamEncoder, features: torch.Tensor, n: int) -> torch.Tensor:
-    start = n * enc.hop_frames
-    return features[:, start:start + enc.window_frames]
+    """Step ``n``'s window: fbank frames ``4Sn - 3 ..`` (zeros before the utterance and after it)."""
+    return step_window(features, n, enc.hop_frames, enc.window_frames)
 
 
 @torch.no_grad()
@@ -223,7 +225,7 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="lengths expected an integer tensor"):
         enc(torch.randn(2, 50, 80), torch.tensor([50.0, 40.0]))
     with pytest.raises(ValueError, match="at least"):
-        enc(torch.randn(1, 9, 80))
+        enc(torch.randn(1, 4 * enc.cfg.right_context, 80))  # T_sub == R: no output frame
     with pytest.raises(ValueError, match="kind='emformer'"):
         EchoStreamEncoder(get_preset("streamspeech").encoder)
 

@@ -134,7 +134,7 @@ def tiny_fp16_dir(tiny_artifacts_dir, tmp_path_factory) -> Path:
 
 
 def test_fp16_token_agreement_tiny(tiny_fp16_dir):
-    check_fp16_agreement(tiny_fp16_dir, seconds=6.0, policy=PolicyConfig(max_target_tokens=30))
+    check_fp16_agreement(tiny_fp16_dir, seconds=6.0, policy=PolicyConfig(final_max_len=30))
 
 
 @pytest.mark.slow
@@ -145,4 +145,4 @@ def test_fp16_token_agreement_echostream(echostream_artifacts_dir):
     # translated tokens and units agree 100 %. A trained head's margins are far above fp16 noise;
     # until one is available the ASR floor here is 95 %.
     check_fp16_agreement(echostream_artifacts_dir, seconds=6.0,
-                         policy=PolicyConfig(max_target_tokens=30), asr_floor=0.95)
+                         policy=PolicyConfig(final_max_len=30), asr_floor=0.95)

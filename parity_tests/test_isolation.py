@@ -23,7 +23,7 @@ from echostream.errors import AudioError
 from echostream.runtime.policy import PolicyConfig
 from echostream.runtime.translator import Translator
 
-POLICY = PolicyConfig(max_target_tokens=12)  # keeps the final decodes short
+POLICY = PolicyConfig(final_max_len=12)  # keeps the final decodes short
 RATES = (16000, 48000, 8000, 44100)
 
 

@@ -79,9 +79,10 @@ def test_torch_backend_runs_the_reference_exactly(tiny_artifacts, tiny_model):
     stage = load_stage(tiny_artifacts, "mt_decoder", backend="torch")
     assert isinstance(stage, TorchStage)
     g = torch.Generator().manual_seed(3)
-    context = {"cross_keys": torch.randn(2, 2, 64, 32, generator=g),
-               "cross_values": torch.randn(2, 2, 64, 32, generator=g),
-               "source_frames": torch.tensor([3, 70], dtype=torch.int32)}
+    frames = tiny_model.cfg.sentence.max_source_frames
+    context = {"cross_keys": torch.randn(2, 2, frames, 32, generator=g),
+               "cross_values": torch.randn(2, 2, frames, 32, generator=g),
+               "source_frames": torch.tensor([3, frames + 6], dtype=torch.int32)}
     tokens = torch.tensor([2, 17], dtype=torch.int32)
     state = {k: torch.from_numpy(v) for k, v in stage.initial_state(2).items()}
     with torch.inference_mode():
@@ -118,9 +119,9 @@ def test_echostream_preset_parity(echostream_artifacts_dir):
 
 
 def test_reference_forward_keeps_the_streamspeech_contract(tiny_model, tiny_config):
-    """``forward``: encoder_out [T, B, D] (T = S*N for 4SN + 4R + 3 fbank frames), both CTC heads."""
+    """``forward``: encoder_out [T, B, D] (T = S*N for 4SN + 4R fbank frames), both CTC heads."""
     S, R = tiny_config.encoder.segment_length, tiny_config.encoder.right_context
-    features = torch.randn(2, 4 * S * 5 + 4 * R + 3, 80, generator=torch.Generator().manual_seed(0))
+    features = torch.randn(2, 4 * S * 5 + 4 * R, 80, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         out = tiny_model(features, torch.tensor([features.shape[1], 40]))
     T, D = S * 5, tiny_config.encoder.d_model

@@ -146,7 +146,7 @@ def test_greedy_next_token_rules():
 
 def test_source_end_decodes_to_eos_with_a_total_cap():
     oracle = [21 + (i % 10) for i in range(300)]  # never says </s>
-    policy, _ = make_policy(oracle, max_target_tokens=12)
+    policy, _ = make_policy(oracle, final_max_len=12)
     steps = run_counts(policy, [(1, 1), (2, 3), (0, 0)], finished_at_end=True)
     assert steps[:2] == [[21], [22, 23]]
     assert len(policy.committed) == 12  # cap counts the prefix
@@ -302,7 +302,7 @@ def agent_reference(counts, oracle, cfg: PolicyConfig):
                 continue
             max_len = len(prefix) + new
         else:
-            max_len = cfg.max_target_tokens
+            max_len = cfg.final_max_len
         hyp = list(prefix)
         for step in range(len(prefix), max_len):  # fairseq: </s> forced at step == max_len
             token = oracle[step] if step < len(oracle) else EOS
@@ -329,7 +329,7 @@ def test_policy_matches_the_agent_on_random_counts(seed):
     rng = np.random.default_rng(seed)
     cfg = PolicyConfig(segment_ms=int(rng.choice([320, 640, 960])),
                        stride_n=int(rng.choice([1, 1, 2])), lagging_k1=int(rng.choice([0, 0, 1])),
-                       max_target_tokens=int(rng.integers(8, 40)))
+                       final_max_len=int(rng.integers(8, 40)))
     length = int(rng.integers(2, 40))
     oracle = [int(t) for t in rng.integers(10, 32, size=length)]
     if rng.random() < 0.5:
@@ -338,7 +338,7 @@ def test_policy_matches_the_agent_on_random_counts(seed):
     counts = np.cumsum(rng.integers(0, 3, size=(steps, 2)), axis=0)
     counts = [(int(a), int(s)) for a, s in counts] + [(0, 0)]  # the last step: source finished
 
-    knobs = ("segment_ms", "stride_n", "lagging_k1", "max_target_tokens")
+    knobs = ("segment_ms", "stride_n", "lagging_k1", "final_max_len")
     policy, _ = make_policy(oracle, **{f: getattr(cfg, f) for f in knobs})
     committed, trace = [], []
     for step_tokens in run_counts(policy, counts, finished_at_end=True):

@@ -89,7 +89,7 @@ def test_verdicts_catch_growth():
 
 def test_every_call_keeps_state_bounded(tiny_artifacts_dir):
     translator = Translator.from_artifacts(tiny_artifacts_dir, segment_ms=320,
-                                           policy=PolicyConfig(max_target_tokens=12),
+                                           policy=PolicyConfig(final_max_len=12),
                                            deterministic=True)
     stream = translator.create_stream()
     expected = {f"{stage}.{t.name}": [t.dtype, *t.concrete_shape(1)]

@@ -28,8 +28,8 @@ from echostream.contract import BATCH, StageContract, TensorSpec, stage_contract
 from echostream.errors import ArtifactError
 
 FORMAT_NAME = "echostream-artifacts"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (2,)  # 2: Conv2D padding 1, sentence capacity
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")

@@ -84,12 +84,51 @@ class SpeechChunk:
                 "compute_ms": round(float(self.compute_ms), 3)}
 
 
+SENTENCE_END_REASONS = ("source_capacity", "target_capacity", "end_of_input")
+
+
+@dataclass(frozen=True)
+class EndOfSentence:
+    """A sentence ended: its translation was decoded to ``</s>`` and its speech flushed; the
+    decoder states restart with the next segment.
+
+    ``reason``: ``"source_capacity"`` (the next segment would not fit the sentence's
+    ``max_source_frames``), ``"target_capacity"`` (``max_target_tokens`` tokens committed) or
+    ``"end_of_input"``. ``start_ms`` is where the sentence's audio began; the texts, ids and
+    ``num_samples`` are the sentence's own.
+    """
+
+    reason: str
+    source_ms: float
+    compute_ms: float = field(default=0.0, compare=False)  # wall-clock: not part of equality
+    start_ms: float = 0.0
+    asr_text: str = ""
+    translation_text: str = ""
+    translation_ids: tuple[int, ...] = field(default_factory=tuple)
+    num_samples: int = 0
+
+    kind = "end_of_sentence"
+
+    @property
+    def capacity(self) -> bool:
+        """The sentence was cut because a stage's capacity was reached."""
+        return self.reason.endswith("_capacity")
+
+    def to_json(self) -> dict:
+        return {"type": self.kind, "reason": self.reason, "capacity": self.capacity,
+                "start_ms": round(float(self.start_ms), 3),
+                "source_ms": round(float(self.source_ms), 3),
+                "compute_ms": round(float(self.compute_ms), 3), "asr_text": self.asr_text,
+                "translation_text": self.translation_text,
+                "translation_ids": list(self.translation_ids), "num_samples": self.num_samples}
+
+
 @dataclass(frozen=True)
 class EndOfStream:
     """The stream's input was finished and every output has been produced.
 
-    ``asr_text`` / ``translation_text`` are the full texts of the utterance; ``num_samples`` the
-    total speech samples emitted.
+    ``asr_text`` / ``translation_text`` are the full texts of the stream (its sentences joined by
+    spaces), ``translation_ids`` every committed token, ``num_samples`` the total speech samples.
     """
 
     source_ms: float
@@ -108,4 +147,4 @@ class EndOfStream:
                 "translation_ids": list(self.translation_ids), "num_samples": self.num_samples}
 
 
-Event = AsrText | TranslationText | SpeechChunk | EndOfStream
+Event = AsrText | TranslationText | SpeechChunk | EndOfSentence | EndOfStream

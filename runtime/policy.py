@@ -15,7 +15,7 @@ The decisions are StreamSpeech's agent (``agent/speech_to_speech.streamspeech.ag
    that starts a word ("▁"); READ if nothing new remains. READ if the committed sequence did not
    change.
 5. Source finished: no READ test and no budget; decode to ``</s>`` with at most
-   ``max_target_tokens`` (100, fairseq ``max_len_b``) target tokens in total, prefix included.
+   ``final_max_len`` (100, fairseq ``max_len_b``) target tokens in total, prefix included.
 
 One deliberate difference: committed tokens are never retracted. When the whole-word cut would fall
 inside the committed prefix (no word start among the new tokens), the agent shortens its stored
@@ -64,7 +64,7 @@ class PolicyConfig:
     segment_ms: int = 320
     stride_n: int = 1
     lagging_k1: int = 0
-    max_target_tokens: int = 100  # fairseq max_len_b at source end, prefix included
+    final_max_len: int = 100  # fairseq max_len_b at source end, prefix included
     min_len: int = 1  # fairseq min_len: </s> may not be the first target token
 
     def __post_init__(self) -> None:
@@ -72,8 +72,8 @@ class PolicyConfig:
             raise ValueError(f"stride_n must be >= 1, got {self.stride_n}")
         if self.lagging_k1 < 0:
             raise ValueError(f"lagging_k1 must be >= 0, got {self.lagging_k1}")
-        if self.max_target_tokens < 1:
-            raise ValueError(f"max_target_tokens must be >= 1, got {self.max_target_tokens}")
+        if self.final_max_len < 1:
+            raise ValueError(f"final_max_len must be >= 1, got {self.final_max_len}")
 
     @property
     def whole_word(self) -> bool:
@@ -124,7 +124,7 @@ def plan_step(now: CtcCounts, stored: CtcCounts, committed: int, cfg: PolicyConf
         (plan or None for READ, the counts to store from now on).
     """
     if source_finished:
-        return WritePlan(cfg.max_target_tokens, cut_words=False), stored
+        return WritePlan(cfg.final_max_len, cut_words=False), stored
     if not counts_grew(now, stored, cfg.stride_n):
         return None, stored
     stored = CtcCounts(max(now.asr, stored.asr), max(now.st, stored.st))
@@ -268,17 +268,27 @@ class PolicyOutcome:
 
 
 class SimultaneousPolicy:
-    """One stream's policy state (stored CTC counts) on top of an :class:`IncrementalMTDecoder`."""
+    """One stream's policy state (stored CTC counts) on top of an :class:`IncrementalMTDecoder`.
+
+    ``capacity``: target tokens a sentence may hold (the config's ``max_target_tokens``); no
+    hypothesis grows past it (``</s>`` is forced there) and :attr:`full` says when it is reached.
+    """
 
     def __init__(self, decoder: IncrementalMTDecoder, cfg: PolicyConfig,
-                 is_word_start: Callable[[int], bool]):
+                 is_word_start: Callable[[int], bool], capacity: int | None = None):
         self.decoder, self.cfg, self.is_word_start = decoder, cfg, is_word_start
+        self.capacity = capacity
         self.stored = CtcCounts()
         self.finished = False
 
     @property
     def committed(self) -> list[int]:
         return self.decoder.committed
+
+    @property
+    def full(self) -> bool:
+        """The sentence holds ``capacity`` tokens: the next write would not fit."""
+        return self.capacity is not None and len(self.committed) >= self.capacity
 
     def step(self, counts: CtcCounts, context: StageState, source_finished: bool) -> PolicyOutcome:
         """One policy call after a new segment (or the final one at source end)."""
@@ -289,7 +299,8 @@ class SimultaneousPolicy:
                                       source_finished)
         if plan is None:
             return PolicyOutcome([], [])
-        hyp = self.decoder.generate(context, plan.max_len)
+        max_len = plan.max_len if self.capacity is None else min(plan.max_len, self.capacity)
+        hyp = self.decoder.generate(context, max_len)
         count = tokens_to_commit(hyp.tokens, plan, self.is_word_start)
         states = self.decoder.commit(hyp, count, final=source_finished)
         self.finished = source_finished

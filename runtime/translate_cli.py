@@ -234,6 +234,9 @@ def _print_event(event) -> None:
     elif event.kind == "speech":
         print(f"{stamp} {'speech':<12} {event.duration_ms / 1000.0:.3f} s ({len(event.samples)} samples, "
               f"{len(event.unit_ids)} units)", flush=True)
+    elif event.kind == "end_of_sentence" and event.capacity:
+        print(f"{stamp} {'sentence':<12} ended at the {event.reason.replace('_', ' ')} "
+              f"(a longer sentence does not fit the exported windows)", flush=True)
 
 
 def _print_summary(run: TranslationRun, report: dict[str, Any], args: argparse.Namespace) -> None:

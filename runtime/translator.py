@@ -34,15 +34,18 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from echostream.contract import STAGE_NAMES, encoder_hop_frames, encoder_window_frames
+from echostream.contract import (ENCODER_WINDOW_LEAD, STAGE_NAMES, encoder_hop_frames,
+                                 encoder_window_frames, sentence_source_frames,
+                                 sentence_target_tokens)
 from echostream.errors import ArtifactError, EchoStreamError
 from echostream.runtime.audio import MODEL_SAMPLE_RATE, StreamingResampler, check_samples
 from echostream.runtime.ctc import IncrementalCTC, text_ctc, unit_ctc
-from echostream.runtime.events import AsrText, EndOfStream, Event, SpeechChunk, TranslationText
+from echostream.runtime.events import (AsrText, EndOfSentence, EndOfStream, Event, SpeechChunk,
+                                       TranslationText)
 from echostream.runtime.features import FeatureStream
 from echostream.runtime.policy import (CtcCounts, IncrementalMTDecoder, PolicyConfig, PolicyOutcome,
                                        SimultaneousPolicy)
@@ -137,6 +140,7 @@ class Stream:
                        for name, stage in translator.stages.items()}
         self._new_audio()
         self._new_sentence(frame_base=0)
+        self.sentences: list[EndOfSentence] = []  # every sentence ended so far, in order
 
     # ---- audio input ----------------------------------------------------------------------------
 
@@ -182,12 +186,18 @@ class Stream:
             self._new_audio()
             self._new_sentence(frame_base=0)
         else:
-            self._new_sentence(frame_base=self.features.first_frame)
+            self._new_sentence(frame_base=self.next_segment_frame)
+        self.sentences: list[EndOfSentence] = []
 
     @property
     def finished(self) -> bool:
         """The input was finished and every output (through ``EndOfStream``) has been returned."""
         return self._finished
+
+    @property
+    def next_segment_frame(self) -> int:
+        """Absolute fbank frame where the next unprocessed encoder segment begins."""
+        return self.frame_base + self.encoder_steps * self._translator.hop
 
     @property
     def committed_tokens(self) -> list[int]:
@@ -207,7 +217,7 @@ class Stream:
 
     def _new_sentence(self, frame_base: int) -> None:
         t, stages = self._translator, self.stages
-        self.frame_base = frame_base  # fbank frame where this sentence's first window starts
+        self.frame_base = frame_base  # fbank frame where this sentence's first segment starts
         self.encoder_steps = 0
         self.states: dict[str, StageState] = {
             name: stages[name].initial_state(1)
@@ -218,9 +228,10 @@ class Stream:
         self.unit_ctc: IncrementalCTC = unit_ctc(t.config)
         mt = t.config["mt"]
         decoder = IncrementalMTDecoder(stages["mt_decoder"], mt["eos"], mt["pad"], t.policy_config)
-        self.policy = SimultaneousPolicy(decoder, t.policy_config, t.tgt_vocab.is_word_start)
+        self.policy = SimultaneousPolicy(decoder, t.policy_config, t.tgt_vocab.is_word_start,
+                                         capacity=t.target_capacity)
         self.synthesizer = StreamingSynthesizer(stages["duration"], stages["vocoder"], t.config)
-        self.num_samples = 0
+        self.num_samples = 0  # this sentence's speech samples
         self._finished = False
 
 
@@ -259,6 +270,13 @@ class Translator:
         self.hop = encoder_hop_frames(self.config)
         self.segment_length = int(self.config["encoder"]["segment_length"])
         self.right_context = int(self.config["encoder"]["right_context"])
+        self.source_capacity = sentence_source_frames(self.config)
+        self.target_capacity = sentence_target_tokens(self.config)
+        if self.steps_per_segment * self.segment_length > self.source_capacity:
+            raise SegmentSizeError(
+                f"segment_ms={segment_ms} holds {self.steps_per_segment * self.segment_length} "
+                f"encoder frames, more than a sentence holds (max_source_frames="
+                f"{self.source_capacity})")
 
     @property
     def segment_ms(self) -> int:
@@ -289,15 +307,30 @@ class Translator:
 
     def decode(self, stream: Stream) -> list[Event]:
         """Run every policy step the stream's audio allows; after ``input_finished``, also the
-        final flush (ending with :class:`EndOfStream`). Returns the new events, in order."""
+        final flush (ending with :class:`EndOfStream`). Returns the new events, in order.
+
+        A sentence that reaches a capacity (the next segment would not fit ``max_source_frames``,
+        or ``max_target_tokens`` tokens are committed) is ended there: its translation is decoded
+        to ``</s>``, its speech flushed, an :class:`EndOfSentence` says why, and the next segment
+        starts a new sentence."""
         if stream._translator is not self:
             raise ValueError("this stream was created by another Translator")
         events: list[Event] = []
         while not stream.finished and self._segment_ready(stream):
+            if self._source_full(stream, self.steps_per_segment):
+                ready_ms = self._frames_ms(self._segment_end(stream))  # when the overflow is known
+                events += self._end_sentence(stream, "source_capacity", ready_ms)
             events += self._segment_step(stream)
+            if stream.policy.full:
+                last_ms = self._frames_ms(self._segment_end(stream) - self.hop * self.steps_per_segment)
+                events += self._end_sentence(stream, "target_capacity", last_ms)
         if stream.input_done and not stream.finished:
             events += self._final_step(stream)
         return events
+
+    def _source_full(self, stream: Stream, steps: int) -> bool:
+        """``steps`` more encoder steps would overflow the sentence's source capacity."""
+        return (stream.encoder_steps + steps) * self.segment_length > self.source_capacity
 
     def _segment_ready(self, stream: Stream) -> bool:
         return stream.features.num_frames >= self._segment_end(stream)
@@ -305,7 +338,12 @@ class Translator:
     def _segment_end(self, stream: Stream) -> int:
         """Absolute fbank frame count the next segment's encoder windows read up to."""
         last = stream.encoder_steps + self.steps_per_segment - 1
-        return stream.frame_base + last * self.hop + self.window
+        return self._window_start(stream, last) + self.window
+
+    def _window_start(self, stream: Stream, step: int) -> int:
+        """Absolute fbank frame where encoder step ``step``'s window starts (3 frames before its
+        segment; frames before the sentence are read as zeros)."""
+        return stream.frame_base + step * self.hop - ENCODER_WINDOW_LEAD
 
     def _segment_step(self, stream: Stream) -> list[Event]:
         source_ms = self._frames_ms(self._segment_end(stream))
@@ -318,31 +356,58 @@ class Translator:
         return events + self._write_events(stream, outcome, source_ms)
 
     def _final_step(self, stream: Stream) -> list[Event]:
-        source_ms = 1000.0 * stream.features.num_samples / stream.features.sample_rate
-        asr_before = stream.asr_ctc.count
-        # Output frames of the full-utterance pass: the last R subsampled frames of the real audio
-        # are only the final segment's right context (torchaudio Emformer.forward semantics).
-        fbank = stream.features.num_frames - stream.frame_base
-        valid = max(0, encoder_frames(fbank) - self.right_context)
-        for step in range(stream.encoder_steps, math.ceil(valid / self.segment_length)):
-            self._encoder_step(stream, min(self.segment_length, valid - step * self.segment_length))
-        events = self._asr_event(stream, asr_before, source_ms)
+        source_ms = stream_ms(stream)
+        events: list[Event] = []
+        while True:
+            # Output frames of the full-utterance pass: the last R subsampled frames of the real
+            # audio are only the final segment's right context (torchaudio Emformer.forward).
+            fbank = stream.features.num_frames - stream.frame_base
+            valid = max(0, encoder_frames(fbank) - self.right_context)
+            remaining = math.ceil(valid / self.segment_length) - stream.encoder_steps
+            if remaining > 0 and self._source_full(stream, 1):
+                events += self._end_sentence(stream, "source_capacity", source_ms)
+                continue
+            asr_before = stream.asr_ctc.count
+            while remaining > 0 and not self._source_full(stream, 1):
+                done = stream.encoder_steps * self.segment_length
+                self._encoder_step(stream, min(self.segment_length, valid - done))
+                remaining -= 1
+            events += self._asr_event(stream, asr_before, source_ms)
+            if remaining <= 0:
+                break
+        events += self._end_sentence(stream, "end_of_input", source_ms)
+        stream._finished = True
+        sentences = stream.sentences
+        ids = tuple(t for s in sentences for t in s.translation_ids)
+        events.append(EndOfStream(
+            source_ms, stream.clock.total_ms, _join(s.asr_text for s in sentences),
+            _join(s.translation_text for s in sentences), ids,
+            sum(s.num_samples for s in sentences)))
+        return events
+
+    def _end_sentence(self, stream: Stream, reason: str, source_ms: float) -> list[Event]:
+        """Decode the sentence to ``</s>`` on the source it has, flush its speech, report it, and
+        start the next sentence at the next unprocessed segment (states back to zero)."""
+        events: list[Event] = []
         if stream.encoder_steps:  # a decode needs source frames to attend to
             counts = CtcCounts(stream.asr_ctc.count, stream.st_ctc.count)
             outcome = stream.policy.step(counts, stream.states["mt_source"], source_finished=True)
             events += self._write_events(stream, outcome, source_ms, flush=True)
-        stream._finished = True
         tgt = stream.policy.committed
-        events.append(EndOfStream(
-            source_ms, stream.clock.total_ms, self.src_vocab.decode(stream.asr_ctc.tokens),
-            self.tgt_vocab.decode(tgt), tuple(tgt), stream.num_samples))
-        return events
+        start_ms = stream.frame_base * float(self.config["features"]["frame_shift_ms"])
+        end = EndOfSentence(reason, source_ms, stream.clock.total_ms, start_ms,
+                            self.src_vocab.decode(stream.asr_ctc.tokens), self.tgt_vocab.decode(tgt),
+                            tuple(tgt), stream.num_samples)
+        stream.sentences.append(end)
+        if reason != "end_of_input":
+            stream._new_sentence(frame_base=stream.next_segment_frame)
+        return events + [end]
 
     def _encoder_step(self, stream: Stream, valid: int) -> None:
         """One encoder step + ``st_ctc`` + ``mt_source``; the CTC collapses see only the ``valid``
         frames (fewer than S only in the zero-padded tail)."""
-        start = stream.frame_base + stream.encoder_steps * self.hop
-        x = self._window_frames(stream.features, start)
+        start = self._window_start(stream, stream.encoder_steps)
+        x = self._window_frames(stream.features, start, stream.frame_base)
         states, stages = stream.states, stream.stages
         out, states["encoder"] = stages["encoder"].run({"x": x}, states["encoder"])
         y = out["y"]
@@ -354,11 +419,13 @@ class Translator:
         # The next window starts one hop later: older frames are never read again.
         stream.features.discard_before(min(start + self.hop, stream.features.num_frames))
 
-    def _window_frames(self, features: FeatureStream, start: int) -> np.ndarray:
-        """``[1, 4(S+R)+3, 80]`` float32 fbank window from ``start``, zero-padded past the end."""
-        end = min(start + self.window, features.num_frames)
+    def _window_frames(self, features: FeatureStream, start: int, first: int) -> np.ndarray:
+        """``[1, 4(S+R)+3, 80]`` float32 fbank frames ``[start, start + window)``; frames before
+        ``first`` (the sentence start) or past the end are zeros."""
+        begin, end = max(start, first), min(start + self.window, features.num_frames)
         x = np.zeros((1, self.window, features.num_mel_bins), dtype=np.float32)
-        x[0, :end - start] = features.frames(start, end)
+        if end > begin:
+            x[0, begin - start:end - start] = features.frames(begin, end)
         return x
 
     def _frames_ms(self, frames: int) -> float:
@@ -407,6 +474,15 @@ class Translator:
         return units
 
 
+def stream_ms(stream: Stream) -> float:
+    """Milliseconds of audio the stream has received (at the model rate)."""
+    return 1000.0 * stream.features.num_samples / stream.features.sample_rate
+
+
+def _join(texts: Iterable[str]) -> str:
+    return " ".join(t for t in texts if t)
+
+
 def _vocabulary(artifacts: Any, which: str) -> Vocabulary:
     symbols = getattr(artifacts, f"{which}_vocab")
     if symbols is None:
@@ -417,9 +493,9 @@ def _vocabulary(artifacts: Any, which: str) -> Vocabulary:
 
 
 def encoder_frames(fbank_frames: int) -> int:
-    """Encoder frames two 3x3 stride-2 convs (no padding) make from ``fbank_frames``: the
-    first needs 7 fbank frames, each further one 4 more."""
-    return (fbank_frames - 7) // 4 + 1 if fbank_frames >= 7 else 0
+    """Encoder frames of the full pass over ``fbank_frames`` (two 3x3 stride-2 convs with padding
+    1): ``(F - 1) // 4 + 1``, 0 for none."""
+    return (fbank_frames - 1) // 4 + 1 if fbank_frames > 0 else 0
 
 
 def steps_per_segment(config: Mapping[str, Any], segment_ms: int) -> int:

@@ -2,8 +2,10 @@
 
 - :class:`CTCDecoder` — StreamSpeech's plain ``Linear(256, V)`` head (ASR CTC, and the released
   ST CTC); frame-wise, so it needs no state.
-- :class:`CTCDecoderWithTransformerLayer` — the seed's ST CTC head: ``layers`` causal pre-LN
-  transformer layers with a bounded left context, a final LayerNorm and the linear projection.
+- :class:`CTCDecoderWithTransformerLayer` — the seed's ST CTC head (StreamSpeech
+  ``ctc_decoder_with_transformer_layer.py`` with ``--uni-encoder``): ``layers`` causal pre-LN
+  transformer layers over the sentence (``left_context`` = the sentence capacity, so within a
+  sentence every frame sees all earlier frames), a final LayerNorm and the linear projection.
   Stage ``st_ctc`` runs its :meth:`~CTCDecoderWithTransformerLayer.step`.
 
 Both return log-probabilities computed in fp32 (greedy collapse belongs to the runtime). Time-first
@@ -74,15 +76,18 @@ class CTCDecoderWithTransformerLayer(nn.Module):
         # Only the state specs of this contract are used (x's segment length is the exporter's).
         self.contract: StageContract = st_ctc_contract({
             "encoder": {"segment_length": 1, "d_model": d_model},
-            "ctc": {"st_layers": layers, "st_left_context": left_context, "tgt_vocab_size": vocab},
+            "ctc": {"st_layers": layers, "tgt_vocab_size": vocab},
+            "sentence": {"max_source_frames": left_context},
         })
 
     @classmethod
     def from_config(cls, cfg) -> "CTCDecoderWithTransformerLayer":
-        """Build from an ``EchoStreamConfig`` (encoder width, ``ctc`` section)."""
+        """Build from an ``EchoStreamConfig`` (encoder width, ``ctc`` section); the layers are
+        causal over the whole sentence (``sentence.max_source_frames``), as StreamSpeech's
+        ``--uni-encoder``."""
         c = cfg.ctc
         return cls(cfg.encoder.d_model, c.tgt_vocab_size, c.st_layers, c.st_num_heads,
-                   c.st_ffn_dim, c.st_left_context)
+                   c.st_ffn_dim, cfg.sentence.max_source_frames)
 
     def initial_state(self, batch: int, device: torch.device | None = None) -> dict[str, Tensor]:
         """Zero caches, zero counter (``{}`` for a linear head)."""

@@ -95,8 +95,9 @@ class TransformerMTDecoder(nn.Module):
         cfg = {
             "encoder": {"segment_length": 1, "d_model": encoder_dim},
             "ctc": {"tgt_vocab_size": vocab},
-            "mt": {"num_layers": layers, "d_model": d_model, "max_target_tokens": max_target_tokens,
-                   "max_source_frames": max_source_frames},
+            "mt": {"num_layers": layers, "d_model": d_model},
+            "sentence": {"max_target_tokens": max_target_tokens,
+                         "max_source_frames": max_source_frames},
         }
         # Only the state specs are used (x's segment length is the exporter's business).
         self.source_contract: StageContract = mt_source_contract(cfg)
@@ -105,9 +106,10 @@ class TransformerMTDecoder(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "TransformerMTDecoder":
         """Build from an ``EchoStreamConfig`` (``mt`` section, target vocab, encoder width)."""
-        m = cfg.mt
+        m, sentence = cfg.mt, cfg.sentence
         return cls(cfg.ctc.tgt_vocab_size, m.d_model, m.num_layers, m.num_heads, m.ffn_dim,
-                   cfg.encoder.d_model, m.max_target_tokens, m.max_source_frames, m.pad)
+                   cfg.encoder.d_model, sentence.max_target_tokens, sentence.max_source_frames,
+                   m.pad)
 
     # ---- states ---------------------------------------------------------------------------------
     def initial_source_state(self, batch: int, device=None) -> dict[str, Tensor]:
