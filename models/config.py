@@ -6,6 +6,8 @@ Three presets (DESIGN §3):
 - ``streamspeech``: the released StreamSpeech dims (12-layer chunk Conformer, Conv1d subsampling,
   linear ST CTC, 2+2 unit layers) — the baseline.
 - ``tiny``: the same structure with tiny dims, for fast tests.
+- ``streamspeech_tiny``: the ``streamspeech`` structure with tiny dims (and the released 6000-piece
+  vocabularies), for fast tests of the import and the chunk Conformer.
 
 The runtime never imports this module: it reads the same fields from ``manifest.json`` as a plain
 dict (``dataclasses.asdict`` of :class:`EchoStreamConfig`).
@@ -263,10 +265,31 @@ def tiny_preset() -> EchoStreamConfig:
     )
 
 
+def streamspeech_tiny_preset() -> EchoStreamConfig:
+    """StreamSpeech's structure (chunk Conformer, Conv1d subsampling, linear ST CTC, 2+2 unit
+    layers) at tiny widths, with the released vocabulary sizes (6000), so the real dictionaries of
+    ``shared/streamspeech/configs`` fit it: for fast tests of the import and the chunk encoder."""
+    tiny = tiny_preset()
+    return EchoStreamConfig(
+        name="streamspeech_tiny",
+        encoder=EncoderConfig(
+            kind="conformer", d_model=32, num_layers=2, num_heads=2, ffn_dim=64,
+            activation="swish", subsampling="conv1d", subsampling_channels=16, right_context=0,
+            left_context=0, memory_size=0, depthwise_kernel=7, chunk_size=8,
+        ),
+        ctc=CTCConfig(st_layers=0),
+        sentence=SentenceConfig(max_source_frames=256, max_target_tokens=32),
+        mt=dataclasses.replace(tiny.mt),
+        unit=UnitDecoderConfig(t2u_layers=2, num_layers=2, d_model=32, num_heads=2, ffn_dim=64),
+        vocoder=dataclasses.replace(tiny.vocoder),
+    )
+
+
 PRESETS = {
     "echostream": echostream_preset,
     "streamspeech": streamspeech_preset,
     "tiny": tiny_preset,
+    "streamspeech_tiny": streamspeech_tiny_preset,
 }
 
 
