@@ -167,6 +167,7 @@ def render_markdown(bench: dict[str, Any]) -> str:
                      f"{row['note']} |")
     lines += [""] + _position_section(bench) + _pipeline_section(bench) + _backend_section(bench)
     lines += _memory_section(bench) + _tuning_section(bench) + _tensorrt_section(bench)
+    lines += _windows_section(bench)
     return "\n".join(lines) + "\n"
 
 
@@ -341,6 +342,26 @@ def _tensorrt_section(bench: dict[str, Any]) -> list[str]:
     return ["## 5. TensorRT", "", f"Not run: {trt.get('note', 'no GPU')}.", ""]
 
 
+def _windows_section(bench: dict[str, Any]) -> list[str]:
+    win = bench.get("windows")
+    if not win:
+        return []
+    before, after = win["before"], win["after"]
+    lines = ["## 6. Windows that hold a sentence: cost per call and state per stream", "",
+             f"Before: ST CTC layers see {before['max_source_frames']} frames, the unit "
+             f"self-attention {before['unit_text_states']} text states. After: the sentence "
+             f"capacity, {after['max_source_frames']} frames and {after['max_target_tokens']} "
+             "tokens, for every window (ONNX Runtime, interleaved, same weights).", "",
+             "| stage | ms / call before | ms / call after | ratio | state / stream before | "
+             "state / stream after |", "|---|---|---|---|---|---|"]
+    for stage, entry in win["stages"].items():
+        ms, sb = entry["ms_per_call"], entry["state_bytes"]
+        lines.append(f"| {stage} | {ms['before']:.3f} | {ms['after']:.3f} | "
+                     f"{ms['after'] / ms['before']:.2f}x | {_mib(sb['before'])} | "
+                     f"{_mib(sb['after'])} |")
+    return lines + [""]
+
+
 # ---- plot ------------------------------------------------------------------------------------------
 
 
@@ -445,5 +466,6 @@ def _num(x: float | None) -> str:
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:.0f} MiB"
+    mib = n / 2**20
+    return f"{mib:.0f} MiB" if mib >= 100 else f"{mib:.2g} MiB"
 

@@ -10,7 +10,9 @@ Parts (all on by default; ``--skip`` leaves some out):
    ``tuning`` -- the same pipeline at 1 / N threads with ORT thread spinning on / off;
 3. ``backends`` -- per-stage step time, ONNX Runtime vs PyTorch eager, same thread count;
 4. ``memory`` -- peak RSS of a ``translate`` run in a fresh process vs the bytes of the weights;
-5. ``tensorrt`` -- the same stage timings and pipeline on TensorRT when a GPU and TensorRT exist.
+5. ``tensorrt`` -- the same stage timings and pipeline on TensorRT when a GPU and TensorRT exist;
+6. ``windows`` -- what windows that hold a sentence cost: ms per call and state bytes per stream
+   of the stages whose windows grew, pre-fidelity windows vs now (``bench/windows.py``).
 
 Writes ``bench.json`` (every number, min/median/max), ``bench.md`` (tables + targets) and
 ``bench.png`` (plots) to ``--out`` (default ``bench/out``). ``--quick`` is a smoke test on the
@@ -32,7 +34,7 @@ from typing import Any
 
 from echostream.errors import BackendUnavailable, EchoStreamError
 
-PARTS = ("position", "pipeline", "tuning", "backends", "memory", "tensorrt")
+PARTS = ("position", "pipeline", "tuning", "backends", "memory", "tensorrt", "windows")
 
 
 @dataclasses.dataclass
@@ -128,6 +130,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "backends": lambda: _backends_part(artifacts_dir, settings, log),
         "memory": lambda: _memory_part(artifacts_dir, settings, bench, args.audio, out, args.quick, log),
         "tensorrt": lambda: _tensorrt_part(artifacts_dir, settings, bench, log),
+        "windows": lambda: _windows_part(artifacts_dir, settings, log),
     }
     keys = {"position": "cost_vs_position"}
     for part in PARTS:
@@ -439,6 +442,14 @@ def _tensorrt_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any
         result["rtf"] = summary["rtf"]["median_s"]
         result["pipeline"] = summary
     return result
+
+
+def _windows_part(artifacts_dir: Path, settings: Settings, log) -> dict[str, Any]:
+    from echostream.bench.windows import window_costs
+    from echostream.runtime.artifacts import load_artifacts
+
+    artifacts = load_artifacts(artifacts_dir, verify_hashes=False)
+    return window_costs(artifacts, settings.threads, settings.repeats, settings.warmup, log)
 
 
 def _vocabs(artifacts):

@@ -29,7 +29,7 @@ def quick_run(tiny_artifacts_dir, tmp_path_factory):
     """One quick bench on the shared tiny artifacts (tuning left out: it is four more pipelines)."""
     out = tmp_path_factory.mktemp("bench")
     code = cli_main(["bench", "--quick", "--artifacts", str(tiny_artifacts_dir), "--out", str(out),
-                     "--repeats", "2", "--warmup", "0", "--baseline-budget-s", "2",
+                     "--repeats", "2", "--warmup", "0", "--baseline-budget-s", "30",
                      "--skip", "tuning"])
     assert code == 0
     return out, json.loads((out / "bench.json").read_text())
@@ -38,16 +38,29 @@ def quick_run(tiny_artifacts_dir, tmp_path_factory):
 def test_quick_run_writes_json_markdown_and_png(quick_run):
     out, bench = quick_run
     for key in ("schema", "mode", "preset", "command", "settings", "machine", "gemm_peak", "graphs",
-                "cost_vs_position", "pipeline", "backends", "memory", "tensorrt", "targets"):
+                "cost_vs_position", "pipeline", "backends", "memory", "tensorrt", "windows",
+                "targets"):
         assert key in bench, key
     assert bench["mode"] == "quick" and bench["preset"] == "tiny"
     assert "tuning" not in bench  # --skip tuning was honoured
     assert (out / "bench.png").read_bytes()[:8] == PNG_MAGIC
     md = (out / "bench.md").read_text()
     for heading in ("## Targets", "## 1. Encoder cost", "## 2. Whole pipeline", "## 3. Backends",
-                    "## 4. Memory", "## 5. TensorRT"):
+                    "## 4. Memory", "## 5. TensorRT", "## 6. Windows"):
         assert heading in md, heading
     assert md == render_markdown(bench)  # the markdown is a pure function of the JSON
+
+
+def test_window_costs_compare_the_old_and_the_sentence_windows(quick_run):
+    _, bench = quick_run
+    win = bench["windows"]
+    assert set(win["stages"]) == {"st_ctc", "unit_decoder"}
+    assert win["after"] == {"max_source_frames": 256, "max_target_tokens": 32}  # tiny preset
+    for entry in win["stages"].values():
+        assert entry["state_bytes"]["after"] > entry["state_bytes"]["before"] > 0
+        assert all(t > 0 for t in entry["ms_per_call"].values())
+    # tiny ST CTC: 2 layers x (keys + values) x frames x 32 floats + the int32 counter
+    assert win["stages"]["st_ctc"]["state_bytes"]["after"] == 2 * 2 * 256 * 32 * 4 + 4
 
 
 def test_machine_and_peak_are_recorded(quick_run):
