@@ -61,8 +61,9 @@ def window_allowed(count: Tensor, capacity: int, new: int) -> Tensor:
 def key_padding_allowed(allowed: Tensor, padding_mask: Tensor | None) -> Tensor:
     """Combine a square ``[T, T]`` window mask with a ``[B, T]`` key padding mask (True = pad).
 
-    Each row keeps its own position so no row is ever fully masked; for a real (unpadded) row this
-    changes nothing, and padded rows' outputs are don't-care.
+    As fairseq: a padded key is never attended, by any row (a padded row included). Only a row
+    left with no key at all keeps its own position (fairseq would give NaN there; such rows are
+    padding whose output nobody reads).
 
     Returns:
         ``[B or 1, T, T]`` bool.
@@ -70,9 +71,10 @@ def key_padding_allowed(allowed: Tensor, padding_mask: Tensor | None) -> Tensor:
     if padding_mask is None:
         return allowed.unsqueeze(0)
     T = allowed.shape[0]
-    diagonal = torch.eye(T, dtype=torch.bool, device=allowed.device)
-    keys_ok = (~padding_mask).unsqueeze(1)  # [B, 1, T]
-    return allowed.unsqueeze(0) & (keys_ok | diagonal.unsqueeze(0))
+    diagonal = torch.eye(T, dtype=torch.bool, device=allowed.device).unsqueeze(0)
+    kept = allowed.unsqueeze(0) & (~padding_mask).unsqueeze(1)  # [B, T, T]
+    empty = ~kept.any(dim=-1, keepdim=True)  # [B, T, 1]
+    return kept | (diagonal & empty)
 
 
 # ---- input checks -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from echostream.models.transformer_layer import (
     TransformerDecoderLayer,
     band_allowed,
     check_input,
+    key_padding_allowed,
     window_allowed,
 )
 
@@ -139,7 +140,8 @@ class TransformerMTDecoder(nn.Module):
         """Teacher-forced pass.
 
         Args:
-            prev_tokens: ``[B, T]`` int, ``[</s>, y1, ...]`` (right-padded with pad if at all).
+            prev_tokens: ``[B, T]`` int, ``[</s>, y1, ...]`` (right-padded with pad if at all; a
+                pad token is a key no row attends, its own row included, as fairseq).
             encoder_out: ``[T_src, B, E]`` encoder frames (time first).
             encoder_padding_mask: ``[B, T_src]`` bool, True = padded frame, or None.
             source_lengths_per_token: ``[B, T]`` int, frames token ``t`` may see (``>= 1``), or None
@@ -156,7 +158,9 @@ class TransformerMTDecoder(nn.Module):
         frame = torch.arange(T_src, device=encoder_out.device)
         cross_allowed = (frame < lengths.unsqueeze(-1)) & (
             frame >= lengths.unsqueeze(-1) - self.max_source_frames)  # [B, T, T_src]
-        self_allowed = band_allowed(T, self.max_target_tokens, prev_tokens.device).unsqueeze(0)
+        # Pad tokens (fairseq pads the agent's whole-word final input) are keys nobody attends.
+        self_allowed = key_padding_allowed(band_allowed(T, self.max_target_tokens, prev_tokens.device),
+                                           prev_tokens == self.padding_idx)
         index = torch.arange(T, device=prev_tokens.device).unsqueeze(0)
         x = self._embed(prev_tokens, index)
         source = encoder_out.transpose(0, 1)  # [B, T_src, E]

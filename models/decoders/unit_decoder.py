@@ -189,24 +189,32 @@ class CTCTransformerUnitDecoder(nn.Module):
         """``[B, R, D]`` -> fp32 log-probs ``[B, R, num_classes]``."""
         return torch.log_softmax(self.output_projection(self.layer_norm(x)).float(), dim=-1)
 
-    def _cross_allowed(self, N: int, device) -> Tensor:
+    def _cross_allowed(self, N: int, device, mode: str) -> Tensor:
         """``[U*N, N]`` bool: which T2U states each upsampled row sees (before key padding)."""
-        if self.cross_attention == "full":
+        if mode == "full":
             return torch.ones(N * self.upsample, N, dtype=torch.bool, device=device)
         text_band = band_allowed(N, self.text_capacity, device)  # [N, N]
         return torch.repeat_interleave(text_band, self.upsample, dim=0)
 
-    def forward(self, text_states: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(self, text_states: Tensor, lengths: Tensor | None = None,
+                cross_attention: str | None = None) -> Tensor:
         """Full pass over whole texts (the reference; with ``lengths`` the sentence graph).
 
         Args:
             text_states: ``[B, N, D]`` D_text (MT final-LN states of ``[</s>, y1, ...]``).
-            lengths: ``[B]`` int valid text states per row (None: all ``N``); rows of padded
-                text states are don't-care.
+            lengths: ``[B]`` int valid text states per row (None: all ``N``). A padded text
+                state is a key nobody attends (T2U, unit self- and cross-attention, as fairseq);
+                its rows are still computed from the valid keys (StreamSpeech's agent decodes
+                them: its whole-word final write ends with a pad position).
+            cross_attention: override the module's mode for this call (the agent runs "full").
         Returns:
             ``[B, U*N, K]`` fp32 log-probs; rows ``U*i .. U*i+U-1`` belong to text state ``i``.
         """
         check_input("unit_decoder", "text_states", text_states, (None, None, self.d_model))
+        mode = cross_attention or self.cross_attention
+        if mode not in UNIT_CROSS_ATTENTION:
+            raise ValueError(f"unit_decoder: cross_attention expected one of "
+                             f"{list(UNIT_CROSS_ATTENTION)}, got {mode!r}")
         B, N, _ = text_states.shape
         padding = None
         if lengths is not None:
@@ -218,7 +226,7 @@ class CTCTransformerUnitDecoder(nn.Module):
         self_allowed = key_padding_allowed(
             block_window_allowed(rows, self.upsample, self.text_capacity, x.device),
             None if padding is None else torch.repeat_interleave(padding, self.upsample, dim=1))
-        cross_allowed = self._cross_allowed(N, x.device).unsqueeze(0)  # [1, U*N, N]
+        cross_allowed = self._cross_allowed(N, x.device, mode).unsqueeze(0)  # [1, U*N, N]
         if padding is not None:
             # A padded key is never seen; keep T2U state 0 so no row is fully masked.
             first = constant_index(N, x.device) == 0
