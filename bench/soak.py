@@ -119,8 +119,9 @@ def host_states(stream: Any) -> dict[str, dict[str, np.ndarray]]:
     """Every model state a stream holds, as host arrays: ``{"encoder": {"memory": [1,NL,M,D], ...},
     ..., "mt_decoder": {...}}`` (the MT decoder's kept state included)."""
     states = dict(stream.states)
-    states["mt_decoder"] = stream.policy.decoder.state
-    return {name: stream.stages[name].stage.state_to_host(state) for name, state in states.items()}
+    states["mt_decoder"] = stream.policy.mt.state
+    stages = stream.translator.stages
+    return {name: stages[name].state_to_host(state) for name, state in states.items()}
 
 
 def state_signature(stream: Any) -> dict[str, list]:

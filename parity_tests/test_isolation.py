@@ -187,7 +187,7 @@ def test_streams_share_no_state_memory(translator):
     a, b = translator.create_stream(), translator.create_stream()
 
     def arrays(stream):
-        states = {**stream.states, "mt_decoder": stream.policy.decoder.state}
+        states = {**stream.states, "mt_decoder": stream.policy.mt.state}
         return [v for s in states.values() for v in s.values()]
 
     for x in arrays(a):

@@ -12,9 +12,10 @@ import pytest
 
 from echostream.contract import StageContract
 from echostream.runtime.ctc import IncrementalCTC, greedy_ctc_decode, text_ctc, unit_ctc
-from echostream.runtime.policy import (CtcCounts, IncrementalMTDecoder, PolicyConfig,
-                                       SimultaneousPolicy, WritePlan, counts_grew,
-                                       greedy_next_token, plan_step, token_budget, whole_word_keep)
+from echostream.runtime.policy import (CtcCounts, MTState, PolicyConfig, PolicyState, WritePlan,
+                                       counts_grew, greedy_next_token, plan_step, policy_step,
+                                       token_budget, whole_word_keep)
+from echostream.runtime.scheduler import drive
 from echostream.runtime.stage import Stage
 
 EOS, PAD, UNK = 2, 1, 3
@@ -63,10 +64,36 @@ def context(frames: int = 8):
     return {"source_frames": np.array([frames], np.int32)}
 
 
-def make_policy(oracle, segment_ms=320, **cfg):
+class Policy:
+    """One sentence's policy data driven against the scripted MT stage (what the translator does
+    through its scheduler)."""
+
+    def __init__(self, stage, cfg, capacity=None):
+        self.stage, self.cfg = stage, cfg
+        self.state = PolicyState(MTState(stage.initial_state(1)), capacity)
+
+    def step(self, counts, ctx, source_finished):
+        program = policy_step(self.state, counts, ctx, source_finished, self.cfg, is_word_start,
+                              EOS, PAD)
+        return drive({"mt_decoder": self.stage}, program)
+
+    @property
+    def committed(self):
+        return self.state.committed
+
+    @property
+    def stored(self):
+        return self.state.stored
+
+    @property
+    def mt(self):
+        return self.state.mt
+
+
+def make_policy(oracle, segment_ms=320, capacity=None, **cfg):
     cfg = PolicyConfig(segment_ms=segment_ms, **cfg)
     stage = ScriptedMT(oracle)
-    return SimultaneousPolicy(IncrementalMTDecoder(stage, EOS, PAD, cfg), cfg, is_word_start), stage
+    return Policy(stage, cfg, capacity), stage
 
 
 def run_counts(policy, counts, finished_at_end=False):
@@ -195,14 +222,22 @@ def test_whole_word_never_retracts_committed_tokens():
 def test_rollback_keeps_the_last_committed_token_pending():
     oracle = [10, 21, 11, 22, 12, 23]
     policy, stage = make_policy(oracle, segment_ms=640)
-    decoder = policy.decoder
+    mt = policy.mt
     run_counts(policy, [(1, 1), (2, 2)])  # committed [10 21]; 11 was speculative
-    assert decoder.committed == [10, 21]
-    assert int(decoder.state["target_positions"][0]) == 2  # positions 0 (</s>) and 1 (10) kept
-    assert decoder.pending_input == 21
+    assert mt.committed == [10, 21]
+    assert int(mt.state["target_positions"][0]) == 2  # positions 0 (</s>) and 1 (10) kept
+    assert mt.pending_input(EOS) == 21
     # the next attempt feeds 21 at position 2 first; ScriptedMT asserts the order
     run_counts(policy, [(3, 4)])
-    assert decoder.committed == [10, 21, 11, 22]
+    assert mt.committed == [10, 21, 11, 22]
+
+
+def test_capacity_caps_every_hypothesis_and_says_when_full():
+    oracle = [21 + (i % 10) for i in range(300)]  # never says </s>
+    policy, _ = make_policy(oracle, capacity=5)
+    steps = run_counts(policy, [(1, 3), (2, 9)])
+    assert steps == [[21, 22, 23], [24, 25]]  # the second budget (9) is cut at the capacity
+    assert policy.state.full and len(policy.committed) == 5
 
 
 def test_text_states_are_n_plus_one_and_each_sent_once():

@@ -106,9 +106,9 @@ def test_every_call_keeps_state_bounded(tiny_artifacts_dir):
             translator.decode(stream)
             assert soak.state_signature(stream) == expected
             assert soak.buffered_frames(stream) < bound
-            synth = stream.synthesizer  # holds only what still waits for right context
-            assert synth.pending_units <= synth.dur_context
-            assert synth.pending_frames < synth.chunk + synth.right
+            synth, w = stream.synthesizer, translator.synthesis  # holds only what waits
+            assert synth.pending_units <= w.dur_context  # for right context
+            assert synth.pending_frames < w.chunk + w.right
         fed += x.size / 16000
         if sentence % 2 == 0:
             stream.input_finished()

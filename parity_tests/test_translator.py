@@ -163,7 +163,7 @@ def test_reset_mid_stream_starts_a_fresh_sentence(reference, translator):
     stream.accept_waveform(SR, audio[: SR // 2])
     translator.decode(stream)
     stream.reset()
-    start_frame = stream.frame_base
+    start_frame = stream.sentence.frame_base
     assert start_frame > 0 and stream.policy.committed == []
     stream.accept_waveform(SR, audio[SR // 2:])
     stream.input_finished()

@@ -33,7 +33,7 @@ Positions: input position 0 is ``</s>`` (eos, id 2), input position k is committ
 tokens committed, the kept decoder state holds positions 0..N-1, and position N's input (the last
 committed token, or ``</s>`` when N = 0) is *pending*: every decode attempt feeds it first, against
 the current source, to get the next-token log-probs. Greedy decoding then feeds each new token in
-turn, snapshotting the state before each feed (``Stage.copy_state``: a backend may reuse buffers).
+turn, snapshotting the state before each feed (a copy request: a backend may reuse buffers).
 Speculative tokens that the budget, the whole-word cut or a READ discard are rolled back by
 restoring the snapshot taken before the new last committed token M was fed, so that M becomes the
 pending input of the next attempt.
@@ -52,7 +52,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from echostream.runtime.stage import Stage, StageState
+from echostream.runtime.scheduler import Program, StageCall
+from echostream.runtime.stage import StageState
 
 WHOLE_WORD_MS = 640  # the agent switches to whole-word commits at segments of 640 ms and more
 
@@ -169,7 +170,7 @@ def greedy_next_token(log_probs: np.ndarray, step: int, max_len: int, cfg: Polic
     return int(scores.argmax())
 
 
-# ---- the driver -------------------------------------------------------------------------------
+# ---- the MT decoder and the policy: data + programs --------------------------------------------
 
 
 @dataclass
@@ -187,76 +188,68 @@ class Hypothesis:
     states: list[StageState] = field(default_factory=list)
 
 
-class IncrementalMTDecoder:
-    """Greedy MT decoding from a committed prefix with snapshot rollback (see the module docstring).
+@dataclass
+class MTState:
+    """One sentence's incremental MT decoding (data, see the module docstring): the committed
+    tokens, the decoder ``state`` with positions ``0..N-1`` fed, and how many text states went to
+    the unit decoder."""
+
+    state: StageState
+    committed: list[int] = field(default_factory=list)
+    synthesised: int = 0
+
+    def pending_input(self, eos: int) -> int:
+        return self.committed[-1] if self.committed else eos
+
+
+def generate(mt: MTState, context: StageState, max_len: int, cfg: PolicyConfig, eos: int,
+             pad: int) -> Program:
+    """Program: greedy decode from the committed prefix until ``</s>`` (predicted, or forced at
+    ``max_len`` tokens, prefix included); returns the :class:`Hypothesis`. Every token of the
+    hypothesis gets fed, so its text state exists.
 
     Args:
-        stage: the ``mt_decoder`` stage.
-        eos, pad: target dictionary ids (``</s>`` = 2 is also position 0's input).
-        cfg: the policy knobs (``min_len``).
+        context: the ``mt_source`` state (cross-attention K/V of the source so far).
     """
+    start = len(mt.committed)
+    hyp = Hypothesis(start)
+    # Work on a copy: the kept state must survive a rollback even on a backend that reuses its
+    # buffers; later snapshots are copied for the same reason (host backends: no-ops).
+    _, state = yield StageCall("mt_decoder", state=mt.state, copy=True)
+    token = mt.pending_input(eos)
+    while True:
+        if hyp.states:
+            _, snapshot = yield StageCall("mt_decoder", state=state, copy=True)
+        else:
+            snapshot = mt.state
+        hyp.states.append(snapshot)
+        out, state = yield StageCall("mt_decoder", {"x": np.array([token], np.int32)}, state, context)
+        hyp.hidden.append(np.array(out["hidden"][0], copy=True))
+        token = greedy_next_token(out["y"][0], start + len(hyp.tokens), max_len, cfg, eos, pad)
+        if token == eos:
+            return hyp
+        hyp.tokens.append(token)
 
-    def __init__(self, stage: Stage, eos: int, pad: int, cfg: PolicyConfig):
-        self.stage, self.eos, self.pad, self.cfg = stage, int(eos), int(pad), cfg
-        self.reset()
 
-    def reset(self) -> None:
-        self.committed: list[int] = []
-        self.state = self.stage.initial_state(1)  # positions 0..N-1 fed
-        self.synthesised = 0  # text states already handed to the unit decoder
+def commit(mt: MTState, hyp: Hypothesis, count: int, final: bool = False) -> list[np.ndarray]:
+    """Commit the first ``count`` new tokens of ``hyp``; roll the rest back.
 
-    @property
-    def pending_input(self) -> int:
-        return self.committed[-1] if self.committed else self.eos
-
-    def _feed(self, token: int, state: StageState, context: StageState):
-        x = np.array([token], dtype=np.int32)
-        out, next_state = self.stage.run({"x": x}, state, context)
-        return out["y"][0], out["hidden"][0], next_state
-
-    def generate(self, context: StageState, max_len: int) -> Hypothesis:
-        """Greedy decode from the committed prefix until ``</s>`` (predicted, or forced at
-        ``max_len`` tokens). Every token of the hypothesis gets fed, so its text state exists.
-
-        Args:
-            context: the ``mt_source`` state (cross-attention K/V of the source so far).
-            max_len: hypothesis length limit, prefix included.
-        """
-        start = len(self.committed)
-        hyp = Hypothesis(start)
-        # Work on a copy: the kept state must survive a rollback even on a backend that reuses
-        # its buffers; later snapshots are copied for the same reason.
-        state = self.stage.copy_state(self.state)
-        token = self.pending_input
-        while True:
-            hyp.states.append(self.state if not hyp.states else self.stage.copy_state(state))
-            log_probs, hidden, state = self._feed(token, state, context)
-            hyp.hidden.append(np.array(hidden, copy=True))
-            token = greedy_next_token(log_probs, start + len(hyp.tokens), max_len, self.cfg,
-                                      self.eos, self.pad)
-            if token == self.eos:
-                return hyp
-            hyp.tokens.append(token)
-
-    def commit(self, hyp: Hypothesis, count: int, final: bool = False) -> list[np.ndarray]:
-        """Commit the first ``count`` new tokens of ``hyp``; roll the rest back.
-
-        Returns the text states ``[D]`` that became committed (in position order): positions
-        ``synthesised..N+count`` on a write or at the final step, none on a READ.
-        """
-        if not 0 <= count <= len(hyp.tokens):
-            raise ValueError(f"count must be in [0, {len(hyp.tokens)}], got {count}")
-        if count == 0 and not final:
-            return []
-        end = hyp.start + count  # position of the new last committed token
-        if count:
-            # states[count] = before feeding position `end`: it stays the pending input
-            self.state = hyp.states[count]
-            self.committed.extend(hyp.tokens[:count])
-        new_states = [hyp.hidden[p - hyp.start] for p in range(max(self.synthesised, hyp.start),
-                                                                end + 1)]
-        self.synthesised = max(self.synthesised, end + 1)
-        return new_states
+    Returns the text states ``[D]`` that became committed (in position order): positions
+    ``synthesised..N+count`` on a write or at the final step, none on a READ.
+    """
+    if not 0 <= count <= len(hyp.tokens):
+        raise ValueError(f"count must be in [0, {len(hyp.tokens)}], got {count}")
+    if count == 0 and not final:
+        return []
+    end = hyp.start + count  # position of the new last committed token
+    if count:
+        # states[count] = before feeding position `end`: it stays the pending input
+        mt.state = hyp.states[count]
+        mt.committed.extend(hyp.tokens[:count])
+    new_states = [hyp.hidden[p - hyp.start]
+                  for p in range(max(mt.synthesised, hyp.start), end + 1)]
+    mt.synthesised = max(mt.synthesised, end + 1)
+    return new_states
 
 
 @dataclass
@@ -267,41 +260,41 @@ class PolicyOutcome:
     text_states: list[np.ndarray]
 
 
-class SimultaneousPolicy:
-    """One stream's policy state (stored CTC counts) on top of an :class:`IncrementalMTDecoder`.
+@dataclass
+class PolicyState:
+    """One sentence's policy bookkeeping (data): the stored CTC counts, the MT decoding, and
+    whether the final step was taken. ``capacity``: target tokens a sentence may hold (the
+    config's ``max_target_tokens``); no hypothesis grows past it (``</s>`` is forced there)."""
 
-    ``capacity``: target tokens a sentence may hold (the config's ``max_target_tokens``); no
-    hypothesis grows past it (``</s>`` is forced there) and :attr:`full` says when it is reached.
-    """
-
-    def __init__(self, decoder: IncrementalMTDecoder, cfg: PolicyConfig,
-                 is_word_start: Callable[[int], bool], capacity: int | None = None):
-        self.decoder, self.cfg, self.is_word_start = decoder, cfg, is_word_start
-        self.capacity = capacity
-        self.stored = CtcCounts()
-        self.finished = False
+    mt: MTState
+    capacity: int | None = None
+    stored: CtcCounts = field(default_factory=CtcCounts)
+    finished: bool = False
 
     @property
     def committed(self) -> list[int]:
-        return self.decoder.committed
+        return self.mt.committed
 
     @property
     def full(self) -> bool:
         """The sentence holds ``capacity`` tokens: the next write would not fit."""
         return self.capacity is not None and len(self.committed) >= self.capacity
 
-    def step(self, counts: CtcCounts, context: StageState, source_finished: bool) -> PolicyOutcome:
-        """One policy call after a new segment (or the final one at source end)."""
-        if self.finished:
-            raise ValueError("the policy already took its final step; a new sentence needs a new "
-                             "policy (Stream.reset())")
-        plan, self.stored = plan_step(counts, self.stored, len(self.committed), self.cfg,
-                                      source_finished)
-        if plan is None:
-            return PolicyOutcome([], [])
-        max_len = plan.max_len if self.capacity is None else min(plan.max_len, self.capacity)
-        hyp = self.decoder.generate(context, max_len)
-        count = tokens_to_commit(hyp.tokens, plan, self.is_word_start)
-        states = self.decoder.commit(hyp, count, final=source_finished)
-        self.finished = source_finished
-        return PolicyOutcome(hyp.tokens[:count], states)
+
+def policy_step(ps: PolicyState, counts: CtcCounts, context: StageState, source_finished: bool,
+                cfg: PolicyConfig, is_word_start: Callable[[int], bool], eos: int,
+                pad: int) -> Program:
+    """Program: one policy call after a new segment (or the final one at source end); returns
+    the :class:`PolicyOutcome`."""
+    if ps.finished:
+        raise ValueError("the policy already took its final step; a new sentence needs a new "
+                         "policy (Stream.reset())")
+    plan, ps.stored = plan_step(counts, ps.stored, len(ps.committed), cfg, source_finished)
+    if plan is None:
+        return PolicyOutcome([], [])
+    max_len = plan.max_len if ps.capacity is None else min(plan.max_len, ps.capacity)
+    hyp = yield from generate(ps.mt, context, max_len, cfg, eos, pad)
+    count = tokens_to_commit(hyp.tokens, plan, is_word_start)
+    states = commit(ps.mt, hyp, count, final=source_finished)
+    ps.finished = source_finished
+    return PolicyOutcome(hyp.tokens[:count], states)

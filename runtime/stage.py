@@ -57,6 +57,23 @@ class Stage(ABC):
         """
         return dict(state)
 
+    def stack_states(self, states: list[StageState]) -> StageState:
+        """One state for the streams of ``states`` batched in this order (axis 0).
+
+        Host states: numpy concatenation, without a copy when the states are the consecutive
+        rows of one array (the previous call's batched result); device backends override this.
+        """
+        from echostream.runtime.scheduler import stack_rows
+
+        return {name: stack_rows([s[name] for s in states]) for name in states[0]}
+
+    def split_state(self, state: StageState, sizes: list[int]) -> list[StageState]:
+        """The inverse of :meth:`stack_states`: per-stream states of ``sizes`` rows each (host
+        states: views, no copy; host states are never written in place)."""
+        offsets = np.cumsum([0] + list(sizes))
+        return [{k: v[offsets[i]:offsets[i + 1]] for k, v in state.items()}
+                for i in range(len(sizes))]
+
     def state_to_host(self, state: StageState) -> dict[str, np.ndarray]:
         """State as host numpy arrays keyed by state name (for parity checks and debugging)."""
         return {k: np.asarray(v) for k, v in state.items()}

@@ -17,12 +17,19 @@ and how the units were split across :meth:`push` calls does not change them.
 
 Per stage call the work is one fixed window; between calls only the context still needed is kept
 (``c`` units, ``L`` frames, and fewer than ``c`` units / ``C + R`` frames not yet final).
+
+The buffers are data (:class:`SynthesisState`, one per stream); :func:`push` and :func:`flush` are
+programs (``runtime/scheduler.py``) that say which stage to run on which window and take the
+outputs, so a translator can batch many streams' synthesis calls.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from echostream.runtime.scheduler import Program, StageCall, drive
 
 NO_ID = -1  # "outside the utterance" in the stage windows
 
@@ -62,139 +69,198 @@ def _check_stage_width(stage: Any, name: str, width: int) -> None:
                          f"{contract.stage!r} with x {list(got)}")
 
 
+@dataclass(frozen=True)
+class SynthesisWindows:
+    """The synthesiser's fixed sizes, from the model config (``vocoder`` section)."""
+
+    num_codes: int
+    hop: int
+    sample_rate: int
+    dur_width: int
+    dur_context: int
+    left: int
+    chunk: int
+    right: int
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "SynthesisWindows":
+        v = cfg["vocoder"]
+        out = cls(int(v["num_units"]), int(np.prod(v["upsample_rates"])),
+                  int(cfg["features"]["sample_rate"]), int(v["duration_window"]),
+                  2 * ((int(v["duration_kernel"]) - 1) // 2), int(v["window_left"]),
+                  int(v["window_chunk"]), int(v["window_right"]))
+        if out.dur_width <= 2 * out.dur_context:
+            raise ValueError(f"duration_window must exceed 2 x duration context "
+                             f"({2 * out.dur_context}), got {out.dur_width}")
+        if out.chunk < 1 or out.left < 0 or out.right < 0:
+            raise ValueError(f"vocoder windows expected left >= 0, chunk >= 1, right >= 0; got "
+                             f"{out.left}, {out.chunk}, {out.right}")
+        return out
+
+    @property
+    def voc_width(self) -> int:
+        return self.left + self.chunk + self.right
+
+
+_EMPTY = np.zeros(0, dtype=np.int32)
+
+
+@dataclass
+class SynthesisState:
+    """One stream's synthesiser buffers and counters (data; :func:`push` and :func:`flush` are
+    the programs that run the stages on it)."""
+
+    unit_context: np.ndarray = field(default_factory=lambda: _EMPTY)  # <= c units, durations final
+    units: np.ndarray = field(default_factory=lambda: _EMPTY)  # units waiting for right context
+    frame_context: np.ndarray = field(default_factory=lambda: _EMPTY)  # <= window_left voiced frames
+    frames: np.ndarray = field(default_factory=lambda: _EMPTY)  # frames waiting to be voiced
+    num_units: int = 0  # units pushed
+    num_frames: int = 0  # unit frames after duration expansion
+    num_samples: int = 0  # samples returned
+
+    def start_utterance(self) -> None:
+        self.unit_context = self.units = self.frame_context = self.frames = _EMPTY
+
+    @property
+    def pending_units(self) -> int:
+        """Units whose duration is not final yet."""
+        return len(self.units)
+
+    @property
+    def pending_frames(self) -> int:
+        """Frames expanded but not voiced yet."""
+        return len(self.frames)
+
+
+def check_units(units: Sequence[int] | np.ndarray, num_codes: int) -> np.ndarray:
+    arr = np.asarray(units)
+    if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"units expected a 1-D sequence of ints, got dtype {arr.dtype} "
+                         f"shape {list(arr.shape)}")
+    if arr.size and (arr.min() < 0 or arr.max() >= num_codes):
+        raise ValueError(f"unit codes expected in 0..{num_codes - 1}, got "
+                         f"{arr.min()}..{arr.max()}")
+    return arr.astype(np.int32)
+
+
+def push(state: SynthesisState, w: SynthesisWindows, units: Sequence[int] | np.ndarray) -> Program:
+    """Program: add new units; returns the float32 samples that became final (a multiple of
+    ``chunk * hop``, possibly empty)."""
+    units = check_units(units, w.num_codes)
+    state.num_units += len(units)
+    state.units = np.concatenate([state.units, units])
+    _add_frames(state, (yield from _finalize_durations(state, w, final=False)))
+    return _emit(state, (yield from _synthesize(state, w, final=False)))
+
+
+def flush(state: SynthesisState, w: SynthesisWindows) -> Program:
+    """Program: end of the utterance: every remaining unit and frame is voiced with the utterance
+    end as right context. The next :func:`push` starts a new utterance; counters keep running."""
+    _add_frames(state, (yield from _finalize_durations(state, w, final=True)))
+    out = _emit(state, (yield from _synthesize(state, w, final=True)))
+    state.start_utterance()
+    return out
+
+
+def _finalize_durations(state: SynthesisState, w: SynthesisWindows, final: bool) -> Program:
+    """Predict durations for every unit that has its right context -> expanded frames."""
+    c, step = w.dur_context, w.dur_width - 2 * w.dur_context
+    frames = []
+    while True:
+        ready = len(state.units) - (0 if final else c)
+        if ready <= 0:
+            break
+        n = min(ready, step)
+        # Window: c left-context units, n units to finalize, up to c right-context units.
+        x = _window(state.unit_context, state.units[:n + c], c, w.dur_width)
+        log_dur = (yield from _run("duration", x, w.dur_width))[0, c:c + n]
+        frames.append(np.repeat(state.units[:n], durations_from_log(log_dur)))
+        state.unit_context = _tail(np.concatenate([state.unit_context, state.units[:n]]), c)
+        state.units = state.units[n:]
+    return np.concatenate(frames) if frames else _EMPTY
+
+
+def _add_frames(state: SynthesisState, frames: np.ndarray) -> None:
+    state.num_frames += len(frames)
+    state.frames = np.concatenate([state.frames, frames.astype(np.int32)])
+
+
+def _synthesize(state: SynthesisState, w: SynthesisWindows, final: bool) -> Program:
+    """Voice every chunk whose look-ahead is complete (all remaining frames when ``final``)."""
+    out = []
+    while len(state.frames) >= (1 if final else w.chunk + w.right):
+        n = min(w.chunk, len(state.frames))
+        body = state.frames[:n + w.right]
+        x = _window(state.frame_context, body, w.left, w.voc_width)
+        wav = yield from _run("vocoder", x, w.voc_width * w.hop)
+        out.append(wav[0, w.left * w.hop:(w.left + n) * w.hop])
+        state.frame_context = _tail(np.concatenate([state.frame_context, state.frames[:n]]), w.left)
+        state.frames = state.frames[n:]
+    return out
+
+
+def _emit(state: SynthesisState, pieces: list[np.ndarray]) -> np.ndarray:
+    out = (np.concatenate(pieces) if pieces else np.zeros(0)).astype(np.float32, copy=False)
+    state.num_samples += len(out)
+    return out
+
+
+def _run(stage: str, x: np.ndarray, out_width: int) -> Program:
+    outputs, _ = yield StageCall(stage, {"x": x})
+    y = np.asarray(outputs["y"])
+    if y.shape != (1, out_width):
+        raise ValueError(f"{stage} stage output y expected shape [1, {out_width}], "
+                         f"got {list(y.shape)}")
+    return y
+
+
 class StreamingSynthesizer:
-    """Units in, waveform out, one utterance at a time.
+    """One synthesiser driving its own two stages (standalone use, outside a ``Translator``:
+    tests and tools; the translator runs :func:`push` / :func:`flush` through its scheduler).
 
     Args:
-        duration_stage: a ``runtime.stage.Stage`` for ``duration`` (``run({"x": [1, Wd] int32})
-            -> ({"y": [1, Wd] float32}, None)``).
+        duration_stage: a ``Stage`` for ``duration`` (``run({"x": [1, Wd] int32}) ->
+            ({"y": [1, Wd] float32}, None)``).
         vocoder_stage: a ``Stage`` for ``vocoder`` (``run({"x": [1, Wv] int32}) ->
             ({"y": [1, Wv * hop] float32}, None)``).
         cfg: the model config dict (``EchoStreamConfig.to_dict()`` / manifest ``config``).
     """
 
     def __init__(self, duration_stage: Any, vocoder_stage: Any, cfg: Mapping[str, Any]):
-        v = cfg["vocoder"]
-        self._duration_stage = duration_stage
-        self._vocoder_stage = vocoder_stage
-        self.num_codes = int(v["num_units"])
-        self.hop = int(np.prod(v["upsample_rates"]))
-        self.sample_rate = int(cfg["features"]["sample_rate"])
-        self.dur_width = int(v["duration_window"])
-        self.dur_context = 2 * ((int(v["duration_kernel"]) - 1) // 2)
-        self.left = int(v["window_left"])
-        self.chunk = int(v["window_chunk"])
-        self.right = int(v["window_right"])
-        self.voc_width = self.left + self.chunk + self.right
-        if self.dur_width <= 2 * self.dur_context:
-            raise ValueError(f"duration_window must exceed 2 x duration context "
-                             f"({2 * self.dur_context}), got {self.dur_width}")
-        if self.chunk < 1 or self.left < 0 or self.right < 0:
-            raise ValueError(f"vocoder windows expected left >= 0, chunk >= 1, right >= 0; got "
-                             f"{self.left}, {self.chunk}, {self.right}")
-        _check_stage_width(duration_stage, "duration", self.dur_width)
-        _check_stage_width(vocoder_stage, "vocoder", self.voc_width)
+        self.windows = SynthesisWindows.from_config(cfg)
+        self._duration_stage, self._vocoder_stage = duration_stage, vocoder_stage
+        _check_stage_width(duration_stage, "duration", self.windows.dur_width)
+        _check_stage_width(vocoder_stage, "vocoder", self.windows.voc_width)
+        self._stages = {"duration": duration_stage, "vocoder": vocoder_stage}
+        self.sample_rate = self.windows.sample_rate
         self.reset()
-
-    # ---- public API ---------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget everything: buffers and counters (a new stream)."""
-        self._start_utterance()
-        self.num_units = 0  # units pushed
-        self.num_frames = 0  # unit frames after duration expansion
-        self.num_samples = 0  # samples returned
+        self.state = SynthesisState()
 
     def push(self, units: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Add new units; returns the float32 samples that became final (a multiple of
-        ``chunk * hop``, possibly empty)."""
-        units = self._check_units(units)
-        self.num_units += len(units)
-        self._units = np.concatenate([self._units, units])
-        self._add_frames(self._finalize_durations(final=False))
-        return self._emit(self._synthesize(final=False))
+        return drive(self._stages, push(self.state, self.windows, units))
 
     def flush(self) -> np.ndarray:
-        """End of the utterance: every remaining unit and frame is voiced with the utterance end
-        as right context. The next :meth:`push` starts a new utterance; counters keep running."""
-        self._add_frames(self._finalize_durations(final=True))
-        out = self._emit(self._synthesize(final=True))
-        self._start_utterance()
-        return out
+        return drive(self._stages, flush(self.state, self.windows))
+
+    @property
+    def num_units(self) -> int:
+        return self.state.num_units
+
+    @property
+    def num_frames(self) -> int:
+        return self.state.num_frames
+
+    @property
+    def num_samples(self) -> int:
+        return self.state.num_samples
 
     @property
     def pending_units(self) -> int:
-        """Units whose duration is not final yet."""
-        return len(self._units)
+        return self.state.pending_units
 
     @property
     def pending_frames(self) -> int:
-        """Frames expanded but not voiced yet."""
-        return len(self._frames)
-
-    # ---- internals ----------------------------------------------------------------------------
-
-    def _start_utterance(self) -> None:
-        empty = np.zeros(0, dtype=np.int32)
-        self._unit_context = empty  # last <= dur_context units with final durations
-        self._units = empty  # units waiting for right context
-        self._frame_context = empty  # last <= window_left voiced frames
-        self._frames = empty  # frames waiting to be voiced
-
-    def _check_units(self, units: Sequence[int] | np.ndarray) -> np.ndarray:
-        arr = np.asarray(units)
-        if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError(f"units expected a 1-D sequence of ints, got dtype {arr.dtype} "
-                             f"shape {list(arr.shape)}")
-        if arr.size and (arr.min() < 0 or arr.max() >= self.num_codes):
-            raise ValueError(f"unit codes expected in 0..{self.num_codes - 1}, got "
-                             f"{arr.min()}..{arr.max()}")
-        return arr.astype(np.int32)
-
-    def _finalize_durations(self, final: bool) -> np.ndarray:
-        """Predict durations for every unit that has its right context -> expanded frames."""
-        c, step = self.dur_context, self.dur_width - 2 * self.dur_context
-        frames = []
-        while True:
-            ready = len(self._units) - (0 if final else c)
-            if ready <= 0:
-                break
-            n = min(ready, step)
-            # Window: c left-context units, n units to finalize, up to c right-context units.
-            x = _window(self._unit_context, self._units[:n + c], c, self.dur_width)
-            log_dur = self._run(self._duration_stage, x, self.dur_width)[0, c:c + n]
-            frames.append(np.repeat(self._units[:n], durations_from_log(log_dur)))
-            self._unit_context = _tail(np.concatenate([self._unit_context, self._units[:n]]), c)
-            self._units = self._units[n:]
-        return np.concatenate(frames) if frames else np.zeros(0, dtype=np.int32)
-
-    def _add_frames(self, frames: np.ndarray) -> None:
-        self.num_frames += len(frames)
-        self._frames = np.concatenate([self._frames, frames.astype(np.int32)])
-
-    def _synthesize(self, final: bool) -> list[np.ndarray]:
-        """Voice every chunk whose look-ahead is complete (all remaining frames when ``final``)."""
-        out = []
-        while len(self._frames) >= (1 if final else self.chunk + self.right):
-            n = min(self.chunk, len(self._frames))
-            body = self._frames[:n + self.right]
-            x = _window(self._frame_context, body, self.left, self.voc_width)
-            wav = self._run(self._vocoder_stage, x, self.voc_width * self.hop)
-            out.append(wav[0, self.left * self.hop:(self.left + n) * self.hop])
-            self._frame_context = _tail(
-                np.concatenate([self._frame_context, self._frames[:n]]), self.left)
-            self._frames = self._frames[n:]
-        return out
-
-    def _emit(self, pieces: list[np.ndarray]) -> np.ndarray:
-        out = (np.concatenate(pieces) if pieces else np.zeros(0)).astype(np.float32, copy=False)
-        self.num_samples += len(out)
-        return out
-
-    @staticmethod
-    def _run(stage: Any, x: np.ndarray, out_width: int) -> np.ndarray:
-        outputs, _ = stage.run({"x": x})
-        y = np.asarray(outputs["y"])
-        if y.shape != (1, out_width):
-            raise ValueError(f"stage output y expected shape [1, {out_width}], got {list(y.shape)}")
-        return y
+        return self.state.pending_frames

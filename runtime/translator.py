@@ -1,38 +1,48 @@
 """The simultaneous translator: audio in, ASR text, translation and speech out, segment by segment.
 
 sherpa-onnx's shape (DESIGN §6): a stateless :class:`Translator` (stage graphs, config,
-vocabularies) and a :class:`Stream` per audio stream holding every piece of state::
+vocabularies) and a :class:`~echostream.runtime.stream.Stream` per audio stream holding every
+piece of state as data::
 
     translator = Translator.from_artifacts("engines/tiny", backend="onnxruntime", segment_ms=320)
     stream = translator.create_stream()
     stream.accept_waveform(48000, samples)          # any rate, any chunk size
     for event in translator.decode(stream): ...     # AsrText / TranslationText / SpeechChunk
     stream.input_finished()
-    events = translator.decode(stream)              # ... then EndOfStream
+    events = translator.decode(stream)              # ... then EndOfSentence, EndOfStream
+
+    results = translator.decode_streams([s1, s2, s3])   # many streams, each stage once per round
+
+The translator is the only caller of stages. A stream's work is a *program* (a generator that
+says which stage to run on what and takes the outputs, ``runtime/scheduler.py``); the policy and
+the synthesiser are such programs too. :meth:`Translator.decode_streams` runs every ready stream's
+program in lock step and each round runs every stage once over all the streams that need it
+(states stacked on axis 0), so streams at any position, in any sentence, batch; each stream's
+events are exactly those it gets decoded alone.
 
 One policy step per segment of ``segment_ms`` (a multiple of the exported encoder segment of S
 frames x 40 ms, so a segment is k encoder steps). Per encoder step: the encoder reads a window of
-4(S+R)+3 fbank frames (advancing by 4S) -> S frames ``y`` + ASR log-probs; ``st_ctc`` and
-``mt_source`` consume ``y``; the ASR and ST CTC collapses count tokens. Per segment: the
-StreamSpeech policy (:mod:`echostream.runtime.policy`) decides READ or WRITE; each newly committed
-text state goes through ``unit_decoder`` (25 unit-CTC frames), the incremental unit collapse and
-the streaming synthesiser.
+4(S+R)+3 fbank frames starting 3 frames before its segment (zeros before the sentence), advancing
+by 4S -> S frames ``y`` + ASR log-probs; ``st_ctc`` and ``mt_source`` consume ``y``; the ASR and
+ST CTC collapses count tokens. Per segment: the StreamSpeech policy (``runtime/policy.py``)
+decides READ or WRITE; each newly committed text state goes through ``unit_decoder`` (25
+unit-CTC frames), the incremental unit collapse and the streaming synthesiser.
+
+At the sentence capacity (``sentence.max_source_frames`` / ``max_target_tokens``) the sentence
+ends: its translation is decoded to ``</s>``, its speech flushed, an ``EndOfSentence`` says why,
+and the next segment starts a new sentence with fresh states.
 
 At end of input the fbank tail is zero-padded (in normalised feature space, i.e. the CMVN mean) so
 the last partial segment and its right context can run; as in the full-utterance pass, the last R
 encoder frames of the real audio are only right context, and CTC outputs past them are ignored; the
 final decode runs to ``</s>`` and the synthesiser is flushed. Complete segments equal the full pass
 exactly; a partial last segment cannot (the fixed-shape step sees padding where the full pass sees a
-shorter segment, and ``mt_source`` appends all S frames of it).
-
-Streams never share state, so interleaving several streams through one translator gives each
-exactly what it would get alone.
+shorter segment).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -42,73 +52,37 @@ from echostream.contract import (ENCODER_WINDOW_LEAD, STAGE_NAMES, encoder_hop_f
                                  encoder_window_frames, sentence_source_frames,
                                  sentence_target_tokens)
 from echostream.errors import ArtifactError, EchoStreamError
-from echostream.runtime.audio import MODEL_SAMPLE_RATE, StreamingResampler, check_samples
-from echostream.runtime.ctc import IncrementalCTC, text_ctc, unit_ctc
+from echostream.runtime.ctc import text_ctc, unit_ctc
 from echostream.runtime.events import (AsrText, EndOfSentence, EndOfStream, Event, SpeechChunk,
                                        TranslationText)
 from echostream.runtime.features import FeatureStream
-from echostream.runtime.policy import (CtcCounts, IncrementalMTDecoder, PolicyConfig, PolicyOutcome,
-                                       SimultaneousPolicy)
-from echostream.runtime.stage import Stage, StageState
-from echostream.runtime.synthesis import StreamingSynthesizer
+from echostream.runtime.policy import (CtcCounts, MTState, PolicyConfig, PolicyOutcome,
+                                       PolicyState, policy_step)
+from echostream.runtime.scheduler import Program, StageCall, run_programs
+from echostream.runtime.stage import Stage
+from echostream.runtime.stream import Sentence, Stream
+from echostream.runtime.synthesis import SynthesisState, SynthesisWindows, flush, push
 from echostream.runtime.vocab import Vocabulary
 
 ENCODER_FRAME_MS = 40  # one encoder frame = 4 fbank frames of 10 ms
+SENTENCE_STAGES = ("encoder", "st_ctc", "mt_source", "unit_decoder")  # states kept per sentence
 
 
 class SegmentSizeError(EchoStreamError, ValueError):
     """``segment_ms`` is not a whole number of exported encoder segments."""
 
 
-# ---- compute-time accounting ------------------------------------------------------------------
+class StreamDecodeError(EchoStreamError):
+    """Decoding failed for some streams of a ``decode_streams`` call; the others were decoded.
 
+    ``failures``: stream index -> exception; ``results``: every stream's events (a failed stream's
+    list holds what it produced before it failed).
+    """
 
-class StageClock:
-    """Per-stage calls and seconds of one stream (computation-aware latency, benchmarks)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.calls: dict[str, int] = {}
-        self.seconds: dict[str, float] = {}
-
-    def add(self, stage: str, seconds: float, calls: int = 1) -> None:
-        self.calls[stage] = self.calls.get(stage, 0) + calls
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
-
-    @property
-    def total_ms(self) -> float:
-        return 1000.0 * sum(self.seconds.values())
-
-    def to_dict(self) -> dict[str, dict[str, float]]:
-        return {s: {"calls": self.calls[s], "seconds": self.seconds[s]} for s in self.seconds}
-
-
-class TimedStage:
-    """A stage seen through one stream's :class:`StageClock` (state copies count as its time)."""
-
-    def __init__(self, stage: Stage, clock: StageClock):
-        self.stage, self.clock = stage, clock
-        self.contract = stage.contract
-        self.name = stage.name
-
-    def initial_state(self, batch: int = 1) -> StageState:
-        return self.stage.initial_state(batch)
-
-    def run(self, inputs, state=None, context=None):
-        start = time.perf_counter()
-        try:
-            return self.stage.run(inputs, state, context)
-        finally:
-            self.clock.add(self.name, time.perf_counter() - start)
-
-    def copy_state(self, state: StageState) -> StageState:
-        start = time.perf_counter()
-        try:
-            return self.stage.copy_state(state)
-        finally:
-            self.clock.add(self.name, time.perf_counter() - start, calls=0)
+    def __init__(self, failures: dict[int, BaseException], results: list[list[Event]]):
+        first = next(iter(failures.values()))
+        super().__init__(f"decoding failed for stream(s) {sorted(failures)}: {first}")
+        self.failures, self.results = failures, results
 
 
 # ---- text helpers ------------------------------------------------------------------------------
@@ -123,116 +97,6 @@ def incremental_text(vocab: Vocabulary, before: Sequence[int], new: Sequence[int
     context = list(before[-TEXT_CONTEXT:])
     full, head = vocab.decode(context + list(new)), vocab.decode(context)
     return full[len(head):] if full.startswith(head) else vocab.decode(list(new))
-
-
-# ---- the stream ------------------------------------------------------------------------------
-
-
-class Stream:
-    """All state of one audio stream: audio front end, per-stage states, CTC collapses, policy,
-    committed tokens, unit decoder and synthesiser, compute clock. Create with
-    :meth:`Translator.create_stream`."""
-
-    def __init__(self, translator: "Translator"):
-        self._translator = translator
-        self.clock = StageClock()
-        self.stages = {name: TimedStage(stage, self.clock)
-                       for name, stage in translator.stages.items()}
-        self._new_audio()
-        self._new_sentence(frame_base=0)
-        self.sentences: list[EndOfSentence] = []  # every sentence ended so far, in order
-
-    # ---- audio input ----------------------------------------------------------------------------
-
-    def accept_waveform(self, sample_rate: int, samples: np.ndarray) -> None:
-        """Append mono samples ``[n]`` (float, nominally [-1, 1]) at ``sample_rate`` (any n, any
-        rate; resampled to 16 kHz). The rate may not change within a stream."""
-        if self.input_done:
-            raise ValueError("accept_waveform called after input_finished(); reset() the stream "
-                             "to start a new utterance")
-        if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-            raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
-        samples = np.asarray(samples)
-        if samples.ndim != 1:
-            raise ValueError(f"expected mono samples [n], got shape {list(samples.shape)}")
-        if samples.size and not np.issubdtype(samples.dtype, np.floating):
-            raise ValueError(f"expected float samples in [-1, 1], got dtype {samples.dtype}")
-        check_samples(samples, int(sample_rate))
-        if self._resampler is None:
-            self._resampler = StreamingResampler(int(sample_rate), MODEL_SAMPLE_RATE)
-        elif self._resampler.in_rate != sample_rate:
-            raise ValueError(f"sample_rate changed within the stream: expected "
-                             f"{self._resampler.in_rate}, got {sample_rate}")
-        self.features.accept_waveform(self._resampler.process(samples))
-
-    def input_finished(self) -> None:
-        """No more audio: the next :meth:`Translator.decode` flushes every output."""
-        if self.input_done:
-            return
-        if self._resampler is not None:
-            self.features.accept_waveform(self._resampler.flush())
-        self.features.input_finished()
-        self.input_done = True
-
-    def reset(self) -> None:
-        """Start a new sentence: every model state, counter and committed token is forgotten.
-
-        Mid-stream (e.g. at a pause a VAD found) the audio not yet consumed by the encoder is kept
-        and the next sentence starts at the next unprocessed segment; after ``input_finished`` the
-        stream becomes a fresh one, ready for new audio (and its compute clock restarts).
-        """
-        if self.input_done:
-            self.clock.reset()
-            self._new_audio()
-            self._new_sentence(frame_base=0)
-        else:
-            self._new_sentence(frame_base=self.next_segment_frame)
-        self.sentences: list[EndOfSentence] = []
-
-    @property
-    def finished(self) -> bool:
-        """The input was finished and every output (through ``EndOfStream``) has been returned."""
-        return self._finished
-
-    @property
-    def next_segment_frame(self) -> int:
-        """Absolute fbank frame where the next unprocessed encoder segment begins."""
-        return self.frame_base + self.encoder_steps * self._translator.hop
-
-    @property
-    def committed_tokens(self) -> list[int]:
-        return list(self.policy.committed)
-
-    @property
-    def asr_tokens(self) -> list[int]:
-        return list(self.asr_ctc.tokens)
-
-    # ---- internals ------------------------------------------------------------------------------
-
-    def _new_audio(self) -> None:
-        t = self._translator
-        self.features = FeatureStream(t.config["features"], t.cmvn_mean, t.cmvn_std)
-        self._resampler: StreamingResampler | None = None
-        self.input_done = False
-
-    def _new_sentence(self, frame_base: int) -> None:
-        t, stages = self._translator, self.stages
-        self.frame_base = frame_base  # fbank frame where this sentence's first segment starts
-        self.encoder_steps = 0
-        self.states: dict[str, StageState] = {
-            name: stages[name].initial_state(1)
-            for name in ("encoder", "st_ctc", "mt_source", "unit_decoder")
-        }
-        self.asr_ctc: IncrementalCTC = text_ctc(t.config)
-        self.st_ctc: IncrementalCTC = text_ctc(t.config)
-        self.unit_ctc: IncrementalCTC = unit_ctc(t.config)
-        mt = t.config["mt"]
-        decoder = IncrementalMTDecoder(stages["mt_decoder"], mt["eos"], mt["pad"], t.policy_config)
-        self.policy = SimultaneousPolicy(decoder, t.policy_config, t.tgt_vocab.is_word_start,
-                                         capacity=t.target_capacity)
-        self.synthesizer = StreamingSynthesizer(stages["duration"], stages["vocoder"], t.config)
-        self.num_samples = 0  # this sentence's speech samples
-        self._finished = False
 
 
 # ---- the translator --------------------------------------------------------------------------
@@ -250,6 +114,12 @@ class Translator:
         policy: the policy knobs (its ``segment_ms`` is overridden by ``segment_ms``).
     Raises:
         SegmentSizeError: a segment size the encoder cannot serve.
+
+    Examples:
+        >>> translator = Translator.from_artifacts("engines/tiny")
+        >>> a, b = translator.create_stream(), translator.create_stream()
+        >>> a.accept_waveform(16000, audio_a); b.accept_waveform(16000, audio_b)
+        >>> events_a, events_b = translator.decode_streams([a, b])
     """
 
     def __init__(self, stages: Mapping[str, Stage], config: Mapping[str, Any],
@@ -272,6 +142,10 @@ class Translator:
         self.right_context = int(self.config["encoder"]["right_context"])
         self.source_capacity = sentence_source_frames(self.config)
         self.target_capacity = sentence_target_tokens(self.config)
+        self.synthesis = SynthesisWindows.from_config(self.config)
+        mt = self.config["mt"]
+        self.eos, self.pad = int(mt["eos"]), int(mt["pad"])
+        self.unit_offset = int(self.config["unit"]["unit_offset"])
         if self.steps_per_segment * self.segment_length > self.source_capacity:
             raise SegmentSizeError(
                 f"segment_ms={segment_ms} holds {self.steps_per_segment * self.segment_length} "
@@ -291,131 +165,195 @@ class Translator:
         ``backend_opts`` go to the backend (e.g. ``threads``, ``device``, ``deterministic``).
         """
         from echostream.runtime.artifacts import load_artifacts
-        from echostream.runtime.backends import load_stages
 
         artifacts = load_artifacts(path, precision)
         steps_per_segment(artifacts.config, segment_ms)  # refuse before loading any graph
+        return cls.from_loaded(artifacts, backend, segment_ms, policy, **backend_opts)
+
+    @classmethod
+    def from_loaded(cls, artifacts: Any, backend: str = "onnxruntime", segment_ms: int = 320,
+                    policy: PolicyConfig | None = None, **backend_opts: Any) -> "Translator":
+        """A translator over already loaded (verified) ``Artifacts`` on ``backend``."""
+        from echostream.runtime.backends import load_stages
+
         stages = load_stages(artifacts, backend, STAGE_NAMES, **backend_opts)
         return cls(stages, artifacts.config, _vocabulary(artifacts, "src"),
                    _vocabulary(artifacts, "tgt"), artifacts.cmvn_mean, artifacts.cmvn_std,
                    segment_ms, policy)
 
+    # ---- streams ---------------------------------------------------------------------------------
+
     def create_stream(self) -> Stream:
-        return Stream(self)
+        return Stream(self, self._features(), self._sentence(0))
+
+    def reset(self, stream: Stream) -> None:
+        """Start a new sentence in ``stream`` (see ``Stream.reset``)."""
+        self._check_owner(stream)
+        if stream.input_done:
+            stream.clock.reset()
+            stream.features, stream.resampler, stream.input_done = self._features(), None, False
+            stream.finished = False
+            stream.sentences = []
+            stream.sentence = self._sentence(0)
+        else:
+            stream.sentence = self._sentence(stream.next_segment_frame)
+
+    def _features(self) -> FeatureStream:
+        return FeatureStream(self.config["features"], self.cmvn_mean, self.cmvn_std)
+
+    def _sentence(self, frame_base: int) -> Sentence:
+        states = {name: self.stages[name].initial_state(1) for name in SENTENCE_STAGES}
+        mt = MTState(self.stages["mt_decoder"].initial_state(1))
+        return Sentence(frame_base, states, text_ctc(self.config), text_ctc(self.config),
+                        unit_ctc(self.config), PolicyState(mt, capacity=self.target_capacity),
+                        SynthesisState())
+
+    def _check_owner(self, stream: Stream) -> None:
+        if stream.translator is not self:
+            raise ValueError("this stream was created by another Translator")
 
     # ---- decoding ------------------------------------------------------------------------------
 
     def decode(self, stream: Stream) -> list[Event]:
         """Run every policy step the stream's audio allows; after ``input_finished``, also the
-        final flush (ending with :class:`EndOfStream`). Returns the new events, in order.
+        final flush (ending with :class:`EndOfStream`). Returns the new events, in order."""
+        try:
+            return self.decode_streams([stream])[0]
+        except StreamDecodeError as exc:
+            raise exc.failures[0] from None
 
-        A sentence that reaches a capacity (the next segment would not fit ``max_source_frames``,
-        or ``max_target_tokens`` tokens are committed) is ended there: its translation is decoded
-        to ``</s>``, its speech flushed, an :class:`EndOfSentence` says why, and the next segment
-        starts a new sentence."""
-        if stream._translator is not self:
-            raise ValueError("this stream was created by another Translator")
-        events: list[Event] = []
+    def decode_streams(self, streams: Sequence[Stream]) -> list[list[Event]]:
+        """Decode several streams at once: each round runs every stage once over all the streams
+        that need it. Returns each stream's new events, in the order of ``streams``.
+
+        Raises:
+            StreamDecodeError: some streams failed (the others were decoded; see its fields).
+        """
+        for stream in streams:
+            self._check_owner(stream)
+        if len({id(s) for s in streams}) != len(streams):
+            raise ValueError("decode_streams got the same stream twice")
+        results: list[list[Event]] = [[] for _ in streams]
+        programs = [self._program(s, out) for s, out in zip(streams, results)]
+        _, failures = run_programs(self.stages, programs, [s.clock.on_call for s in streams])
+        if failures:
+            raise StreamDecodeError({f.index: f.error for f in failures}, results)
+        return results
+
+    def _program(self, stream: Stream, events: list[Event]) -> Program:
+        """Everything the stream's audio allows now; events are appended to ``events``."""
         while not stream.finished and self._segment_ready(stream):
-            if self._source_full(stream, self.steps_per_segment):
-                ready_ms = self._frames_ms(self._segment_end(stream))  # when the overflow is known
-                events += self._end_sentence(stream, "source_capacity", ready_ms)
-            events += self._segment_step(stream)
-            if stream.policy.full:
-                last_ms = self._frames_ms(self._segment_end(stream) - self.hop * self.steps_per_segment)
-                events += self._end_sentence(stream, "target_capacity", last_ms)
+            s = stream.sentence
+            if self._source_full(s, self.steps_per_segment):
+                ready_ms = self._frames_ms(self._segment_end(s))  # when the overflow is known
+                events += yield from self._end_sentence(stream, "source_capacity", ready_ms)
+            events += yield from self._segment_step(stream)
+            if stream.sentence.policy.full:
+                events += yield from self._end_sentence(stream, "target_capacity",
+                                                        self._processed_ms(stream.sentence))
         if stream.input_done and not stream.finished:
-            events += self._final_step(stream)
-        return events
+            events += yield from self._final_step(stream)
 
-    def _source_full(self, stream: Stream, steps: int) -> bool:
+    def _source_full(self, s: Sentence, steps: int) -> bool:
         """``steps`` more encoder steps would overflow the sentence's source capacity."""
-        return (stream.encoder_steps + steps) * self.segment_length > self.source_capacity
+        return (s.encoder_steps + steps) * self.segment_length > self.source_capacity
 
     def _segment_ready(self, stream: Stream) -> bool:
-        return stream.features.num_frames >= self._segment_end(stream)
+        return stream.features.num_frames >= self._segment_end(stream.sentence)
 
-    def _segment_end(self, stream: Stream) -> int:
+    def _segment_end(self, s: Sentence) -> int:
         """Absolute fbank frame count the next segment's encoder windows read up to."""
-        last = stream.encoder_steps + self.steps_per_segment - 1
-        return self._window_start(stream, last) + self.window
+        return self._window_start(s, s.encoder_steps + self.steps_per_segment - 1) + self.window
 
-    def _window_start(self, stream: Stream, step: int) -> int:
+    def _processed_ms(self, s: Sentence) -> float:
+        """Source time of the last processed segment's windows."""
+        return self._frames_ms(self._window_start(s, s.encoder_steps - 1) + self.window)
+
+    def _window_start(self, s: Sentence, step: int) -> int:
         """Absolute fbank frame where encoder step ``step``'s window starts (3 frames before its
         segment; frames before the sentence are read as zeros)."""
-        return stream.frame_base + step * self.hop - ENCODER_WINDOW_LEAD
+        return s.frame_base + step * self.hop - ENCODER_WINDOW_LEAD
 
-    def _segment_step(self, stream: Stream) -> list[Event]:
-        source_ms = self._frames_ms(self._segment_end(stream))
-        asr_before = stream.asr_ctc.count
+    def _segment_step(self, stream: Stream) -> Program:
+        s = stream.sentence
+        source_ms = self._frames_ms(self._segment_end(s))
+        asr_before = s.asr_ctc.count
         for _ in range(self.steps_per_segment):
-            self._encoder_step(stream, self.segment_length)
+            yield from self._encoder_step(stream, self.segment_length)
         events = self._asr_event(stream, asr_before, source_ms)
-        counts = CtcCounts(stream.asr_ctc.count, stream.st_ctc.count)
-        outcome = stream.policy.step(counts, stream.states["mt_source"], source_finished=False)
-        return events + self._write_events(stream, outcome, source_ms)
+        counts = CtcCounts(s.asr_ctc.count, s.st_ctc.count)
+        outcome = yield from self._policy(s, counts, source_finished=False)
+        events += yield from self._write_events(stream, outcome, source_ms)
+        return events
 
-    def _final_step(self, stream: Stream) -> list[Event]:
-        source_ms = stream_ms(stream)
+    def _policy(self, s: Sentence, counts: CtcCounts, source_finished: bool) -> Program:
+        return (yield from policy_step(s.policy, counts, s.states["mt_source"], source_finished,
+                                       self.policy_config, self.tgt_vocab.is_word_start,
+                                       self.eos, self.pad))
+
+    def _final_step(self, stream: Stream) -> Program:
+        source_ms = stream.received_ms
         events: list[Event] = []
         while True:
+            s = stream.sentence
             # Output frames of the full-utterance pass: the last R subsampled frames of the real
             # audio are only the final segment's right context (torchaudio Emformer.forward).
-            fbank = stream.features.num_frames - stream.frame_base
+            fbank = stream.features.num_frames - s.frame_base
             valid = max(0, encoder_frames(fbank) - self.right_context)
-            remaining = math.ceil(valid / self.segment_length) - stream.encoder_steps
-            if remaining > 0 and self._source_full(stream, 1):
-                events += self._end_sentence(stream, "source_capacity", source_ms)
+            remaining = math.ceil(valid / self.segment_length) - s.encoder_steps
+            if remaining > 0 and self._source_full(s, 1):
+                events += yield from self._end_sentence(stream, "source_capacity", source_ms)
                 continue
-            asr_before = stream.asr_ctc.count
-            while remaining > 0 and not self._source_full(stream, 1):
-                done = stream.encoder_steps * self.segment_length
-                self._encoder_step(stream, min(self.segment_length, valid - done))
+            asr_before = s.asr_ctc.count
+            while remaining > 0 and not self._source_full(s, 1):
+                done = s.encoder_steps * self.segment_length
+                yield from self._encoder_step(stream, min(self.segment_length, valid - done))
                 remaining -= 1
             events += self._asr_event(stream, asr_before, source_ms)
             if remaining <= 0:
                 break
-        events += self._end_sentence(stream, "end_of_input", source_ms)
-        stream._finished = True
+        events += yield from self._end_sentence(stream, "end_of_input", source_ms)
+        stream.finished = True
         sentences = stream.sentences
-        ids = tuple(t for s in sentences for t in s.translation_ids)
+        ids = tuple(t for e in sentences for t in e.translation_ids)
         events.append(EndOfStream(
-            source_ms, stream.clock.total_ms, _join(s.asr_text for s in sentences),
-            _join(s.translation_text for s in sentences), ids,
-            sum(s.num_samples for s in sentences)))
+            source_ms, stream.clock.total_ms, _join(e.asr_text for e in sentences),
+            _join(e.translation_text for e in sentences), ids,
+            sum(e.num_samples for e in sentences)))
         return events
 
-    def _end_sentence(self, stream: Stream, reason: str, source_ms: float) -> list[Event]:
+    def _end_sentence(self, stream: Stream, reason: str, source_ms: float) -> Program:
         """Decode the sentence to ``</s>`` on the source it has, flush its speech, report it, and
         start the next sentence at the next unprocessed segment (states back to zero)."""
+        s = stream.sentence
         events: list[Event] = []
-        if stream.encoder_steps:  # a decode needs source frames to attend to
-            counts = CtcCounts(stream.asr_ctc.count, stream.st_ctc.count)
-            outcome = stream.policy.step(counts, stream.states["mt_source"], source_finished=True)
-            events += self._write_events(stream, outcome, source_ms, flush=True)
-        tgt = stream.policy.committed
-        start_ms = stream.frame_base * float(self.config["features"]["frame_shift_ms"])
+        if s.encoder_steps:  # a decode needs source frames to attend to
+            counts = CtcCounts(s.asr_ctc.count, s.st_ctc.count)
+            outcome = yield from self._policy(s, counts, source_finished=True)
+            events += yield from self._write_events(stream, outcome, source_ms, flush_speech=True)
+        tgt = s.policy.committed
+        start_ms = s.frame_base * float(self.config["features"]["frame_shift_ms"])
         end = EndOfSentence(reason, source_ms, stream.clock.total_ms, start_ms,
-                            self.src_vocab.decode(stream.asr_ctc.tokens), self.tgt_vocab.decode(tgt),
-                            tuple(tgt), stream.num_samples)
+                            self.src_vocab.decode(s.asr_ctc.tokens), self.tgt_vocab.decode(tgt),
+                            tuple(tgt), s.num_samples)
         stream.sentences.append(end)
         if reason != "end_of_input":
-            stream._new_sentence(frame_base=stream.next_segment_frame)
+            stream.sentence = self._sentence(stream.next_segment_frame)
         return events + [end]
 
-    def _encoder_step(self, stream: Stream, valid: int) -> None:
+    def _encoder_step(self, stream: Stream, valid: int) -> Program:
         """One encoder step + ``st_ctc`` + ``mt_source``; the CTC collapses see only the ``valid``
         frames (fewer than S only in the zero-padded tail)."""
-        start = self._window_start(stream, stream.encoder_steps)
-        x = self._window_frames(stream.features, start, stream.frame_base)
-        states, stages = stream.states, stream.stages
-        out, states["encoder"] = stages["encoder"].run({"x": x}, states["encoder"])
+        s = stream.sentence
+        start = self._window_start(s, s.encoder_steps)
+        x = self._window_frames(stream.features, start, s.frame_base)
+        out, s.states["encoder"] = yield StageCall("encoder", {"x": x}, s.states["encoder"])
         y = out["y"]
-        st, states["st_ctc"] = stages["st_ctc"].run({"x": y}, states["st_ctc"])
-        _, states["mt_source"] = stages["mt_source"].run({"x": y}, states["mt_source"])
-        stream.asr_ctc.accept(out["asr_log_probs"][0, :valid])
-        stream.st_ctc.accept(st["y"][0, :valid])
-        stream.encoder_steps += 1
+        st, s.states["st_ctc"] = yield StageCall("st_ctc", {"x": y}, s.states["st_ctc"])
+        _, s.states["mt_source"] = yield StageCall("mt_source", {"x": y}, s.states["mt_source"])
+        s.asr_ctc.accept(out["asr_log_probs"][0, :valid])
+        s.st_ctc.accept(st["y"][0, :valid])
+        s.encoder_steps += 1
         # The next window starts one hop later: older frames are never read again.
         stream.features.discard_before(min(start + self.hop, stream.features.num_frames))
 
@@ -434,7 +372,7 @@ class Translator:
         return (frames - 1) * f["frame_shift_ms"] + f["frame_length_ms"]
 
     def _asr_event(self, stream: Stream, before: int, source_ms: float) -> list[Event]:
-        tokens = stream.asr_ctc.tokens
+        tokens = stream.sentence.asr_ctc.tokens
         if len(tokens) == before:
             return []
         text = incremental_text(self.src_vocab, tokens[max(0, before - TEXT_CONTEXT):before],
@@ -442,41 +380,36 @@ class Translator:
         return [AsrText(text, tuple(tokens[before:]), source_ms, stream.clock.total_ms)]
 
     def _write_events(self, stream: Stream, outcome: PolicyOutcome, source_ms: float,
-                      flush: bool = False) -> list[Event]:
+                      flush_speech: bool = False) -> Program:
         """Translation text for new tokens; speech for new text states (and the flush)."""
+        s = stream.sentence
         events: list[Event] = []
         if outcome.tokens:
-            committed = stream.policy.committed
+            committed = s.policy.committed
             before = committed[:len(committed) - len(outcome.tokens)]
             text = incremental_text(self.tgt_vocab, before, outcome.tokens)
             events.append(TranslationText(text, tuple(outcome.tokens), source_ms,
                                           stream.clock.total_ms))
-        units = self._units(stream, outcome.text_states)
-        pieces = [stream.synthesizer.push(units)] if units else []
-        if flush:
-            pieces.append(stream.synthesizer.flush())
+        units = yield from self._units(s, outcome.text_states)
+        pieces = [(yield from push(s.synthesis, self.synthesis, units))] if units else []
+        if flush_speech:
+            pieces.append((yield from flush(s.synthesis, self.synthesis)))
         samples = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         if units or samples.size:
-            stream.num_samples += samples.size
-            events.append(SpeechChunk(samples, stream.synthesizer.sample_rate, source_ms,
+            s.num_samples += samples.size
+            events.append(SpeechChunk(samples, self.synthesis.sample_rate, source_ms,
                                       tuple(units), stream.clock.total_ms))
         return events
 
-    def _units(self, stream: Stream, text_states: Sequence[np.ndarray]) -> list[int]:
+    def _units(self, s: Sentence, text_states: Sequence[np.ndarray]) -> Program:
         """Text states ``[D]`` -> unit decoder -> incremental unit CTC -> new unit ids."""
-        offset = int(self.config["unit"]["unit_offset"])
         units: list[int] = []
         for hidden in text_states:
             x = np.asarray(hidden, dtype=np.float32)[None]
-            out, stream.states["unit_decoder"] = stream.stages["unit_decoder"].run(
-                {"x": x}, stream.states["unit_decoder"])
-            units += [c - offset for c in stream.unit_ctc.accept(out["y"][0])]
+            out, s.states["unit_decoder"] = yield StageCall("unit_decoder", {"x": x},
+                                                            s.states["unit_decoder"])
+            units += [c - self.unit_offset for c in s.unit_ctc.accept(out["y"][0])]
         return units
-
-
-def stream_ms(stream: Stream) -> float:
-    """Milliseconds of audio the stream has received (at the model rate)."""
-    return 1000.0 * stream.features.num_samples / stream.features.sample_rate
 
 
 def _join(texts: Iterable[str]) -> str:
