@@ -164,7 +164,8 @@ def stack_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
     together make up one array (what the previous call of the same group returned)."""
     first = arrays[0]
     base = first.base
-    if base is not None and base.ndim == first.ndim and all(a.base is base for a in arrays):
+    if (isinstance(base, np.ndarray) and base.ndim == first.ndim
+            and all(a.base is base for a in arrays)):
         rows = sum(a.shape[0] for a in arrays)
         if rows == base.shape[0] and _consecutive(arrays, base):
             return base
