@@ -19,6 +19,10 @@ TARGETS = {
     "pipeline_fraction_of_peak": (0.50, ">="),
     "ort_vs_torch": (0.60, "<="),
     "memory_peak_over_weights": (1.30, "<="),
+    "streams_throughput_16_over_1": (4.0, ">="),
+    "streams_fraction_of_peak_8": (0.50, ">="),
+    "streams_rss_over_state": (1.50, "<="),
+    "outside_stages_share_1": (0.03, "<="),
 }
 
 
@@ -48,7 +52,38 @@ def check_targets(bench: dict[str, Any]) -> list[dict[str, Any]]:
     mem = bench.get("memory") or {}
     rows.append(_row("memory_peak_over_weights", "peak RSS of translate / bytes of the weights",
                      mem.get("ratio"), _memory_note(mem)))
+    rows += _streams_rows(bench.get("streams") or {})
     return rows
+
+
+def _streams_rows(streams: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = {r["streams"]: r for r in streams.get("runs", [])}
+    one, many = runs.get(1), runs.get(16) or (runs[max(runs)] if runs else None)
+    ratio = many["throughput"] / one["throughput"] if one and many and many is not one else None
+    label = f"{many['streams']}" if many else "16"
+    big = [r for n, r in runs.items() if n >= 8]
+    best = max(big, key=lambda r: r["fraction_of_peak"]) if big else None
+    added, state = streams.get("added_rss_per_stream_bytes"), streams.get("state_bytes_per_stream")
+    rss_ratio = added / state if added is not None and state else None
+    return [
+        _row("streams_throughput_16_over_1", f"throughput at {label} streams / at 1 stream "
+             "(audio s per wall s, decode_streams)", ratio,
+             _throughput_note(one, many) if ratio is not None and ratio < 4 else ""),
+        _row("streams_fraction_of_peak_8", "pipeline FLOP/s over wall time at >= 8 streams / "
+             "GEMM peak (best stream count)", best["fraction_of_peak"] if best else None,
+             f"at {best['streams']} streams" if best else ""),
+        _row("streams_rss_over_state", "RSS per added stream / bytes of its model state",
+             rss_ratio, f"{_mib(added)} per stream vs {_mib(state)} of state" if rss_ratio else ""),
+        _row("outside_stages_share_1", "share of wall time outside the stages at 1 stream",
+             one["outside_stages_share"] if one else None),
+    ]
+
+
+def _throughput_note(one: dict[str, Any], many: dict[str, Any]) -> str:
+    stages = many["stages"]
+    top = max(stages, key=lambda s: stages[s]["seconds"])
+    return (f"{top} takes {100 * stages[top]['seconds'] / many['wall_s']:.0f} % of the wall time at "
+            f"{many['streams']} streams, at {100 * stages[top]['fraction_of_peak']:.0f} % of peak")
 
 
 def _row(target: str, what: str, value: float | None, note: str = "") -> dict[str, Any]:
@@ -167,7 +202,7 @@ def render_markdown(bench: dict[str, Any]) -> str:
                      f"{row['note']} |")
     lines += [""] + _position_section(bench) + _pipeline_section(bench) + _backend_section(bench)
     lines += _memory_section(bench) + _tuning_section(bench) + _tensorrt_section(bench)
-    lines += _windows_section(bench)
+    lines += _windows_section(bench) + _streams_section(bench)
     return "\n".join(lines) + "\n"
 
 
@@ -340,6 +375,47 @@ def _tensorrt_section(bench: dict[str, Any]) -> list[str]:
         return ["## 5. TensorRT", "", "Per-stage TensorRT times are in the backend table; "
                 f"pipeline RTF on TensorRT: {_num(trt.get('rtf'))}.", ""]
     return ["## 5. TensorRT", "", f"Not run: {trt.get('note', 'no GPU')}.", ""]
+
+
+def _streams_section(bench: dict[str, Any]) -> list[str]:
+    streams = bench.get("streams")
+    if not streams:
+        return []
+    lines = ["## 7. Many streams: throughput and latency vs concurrent speakers", "",
+             f"{streams['speakers']} different espeak-ng speakers, staggered by "
+             f"{streams['stagger_segments']} segment, one `decode_streams` per segment of audio "
+             "(ONNX Runtime). Latency: ticks arrive in real time, a busy box queues them.", "",
+             "| streams | audio s / wall s | x 1 stream | segment compute p50 / p95 (ms) | "
+             "AL_CA median (ms) | GFLOP/s (wall) | % of peak | outside stages |",
+             "|---|---|---|---|---|---|---|---|"]
+    runs = streams["runs"]
+    one = runs[0]["throughput"]
+    for r in runs:
+        al = "-" if r["al_ca_ms_median"] is None else f"{r['al_ca_ms_median']:.0f}"
+        lines.append(f"| {r['streams']} | {r['throughput']:.2f} | {r['throughput'] / one:.2f} | "
+                     f"{r['segment_compute_p50_ms']:.0f} / {r['segment_compute_p95_ms']:.0f} | "
+                     f"{al} | {r['gflops_per_wall_s']:.1f} | {100 * r['fraction_of_peak']:.1f} % | "
+                     f"{100 * r['outside_stages_share']:.1f} % |")
+    lines += ["", "Peak RSS (fresh process, N streams of noise decoded together): "
+              + ", ".join(f"{m['streams']} -> {_mib(m['peak_rss_bytes'])}" for m in streams["memory"])
+              + f"; model state per stream {_mib(streams['state_bytes_per_stream'])}.", ""]
+    lines += _sizing(streams)
+    return lines
+
+
+def _sizing(streams: dict[str, Any]) -> list[str]:
+    """Streams per core at RTF <= 0.5 with p95 segment compute <= the segment length."""
+    threads = streams.get("threads") or 1
+    # N real-time streams at RTF <= 0.5 need N / 0.5 audio seconds decoded per wall second.
+    ok = [r for r in streams["runs"] if r["throughput"] >= 2.0 * r["streams"]
+          and r["segment_compute_p95_ms"] <= 1000.0 * r["segment_s"]]
+    if not ok:
+        return ["Sizing: no stream count met RTF <= 0.5 with p95 segment compute <= the segment "
+                "on this machine.", ""]
+    best = max(ok, key=lambda r: r["streams"])
+    return [f"Sizing: up to {best['streams']} concurrent streams met RTF <= 0.5 per stream with "
+            f"p95 segment compute <= the segment here ({threads} thread(s)): "
+            f"{best['streams'] / threads:.1f} streams per core.", ""]
 
 
 def _windows_section(bench: dict[str, Any]) -> list[str]:

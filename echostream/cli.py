@@ -19,7 +19,7 @@ COMMANDS = {
     "parity": ("echostream.export.parity", "compare every stage against the PyTorch reference"),
     "build-engines": ("echostream.export.tensorrt_build", "build TensorRT engines from the ONNX graphs"),
     "translate": ("echostream.runtime.translate_cli", "stream an audio file through the artifacts"),
-    "bench": ("echostream.export.bench", "benchmarks: cost vs position, RTF, backends, memory"),
+    "bench": ("echostream.bench.command", "benchmarks: cost vs position, RTF, streams, backends, memory"),
 }
 
 

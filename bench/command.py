@@ -12,7 +12,10 @@ Parts (all on by default; ``--skip`` leaves some out):
 4. ``memory`` -- peak RSS of a ``translate`` run in a fresh process vs the bytes of the weights;
 5. ``tensorrt`` -- the same stage timings and pipeline on TensorRT when a GPU and TensorRT exist;
 6. ``windows`` -- what windows that hold a sentence cost: ms per call and state bytes per stream
-   of the stages whose windows grew, pre-fidelity windows vs now (``bench/windows.py``).
+   of the stages whose windows grew, pre-fidelity windows vs now (``bench/windows.py``);
+7. ``streams`` -- 1..32 concurrent speakers through ``decode_streams``: throughput, per-segment
+   compute p50/p95, computation-aware AL, FLOP/s vs peak, RSS per added stream
+   (``bench/streams.py``).
 
 Writes ``bench.json`` (every number, min/median/max), ``bench.md`` (tables + targets) and
 ``bench.png`` (plots) to ``--out`` (default ``bench/out``). ``--quick`` is a smoke test on the
@@ -34,7 +37,10 @@ from typing import Any
 
 from echostream.errors import BackendUnavailable, EchoStreamError
 
-PARTS = ("position", "pipeline", "tuning", "backends", "memory", "tensorrt", "windows")
+PARTS = ("position", "pipeline", "streams", "tuning", "backends", "memory", "tensorrt",
+         "windows")
+FULL_STREAM_COUNTS = [1, 2, 4, 8, 16, 32]
+QUICK_STREAM_COUNTS = [1, 2, 4]
 
 
 @dataclasses.dataclass
@@ -131,6 +137,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "memory": lambda: _memory_part(artifacts_dir, settings, bench, args.audio, out, args.quick, log),
         "tensorrt": lambda: _tensorrt_part(artifacts_dir, settings, bench, log),
         "windows": lambda: _windows_part(artifacts_dir, settings, log),
+        "streams": lambda: _streams_part(artifacts_dir, settings, bench, out, args.quick, log),
     }
     keys = {"position": "cost_vs_position"}
     for part in PARTS:
@@ -442,6 +449,35 @@ def _tensorrt_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any
         result["rtf"] = summary["rtf"]["median_s"]
         result["pipeline"] = summary
     return result
+
+
+def _streams_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any], out: Path,
+                  quick: bool, log) -> dict[str, Any]:
+    from echostream.bench.streams import (added_rss_per_stream, memory_per_stream, run_streams,
+                                          speech_pool, state_bytes_per_stream)
+    from echostream.runtime.artifacts import load_artifacts
+    from echostream.runtime.translator import Translator
+
+    counts = QUICK_STREAM_COUNTS if quick else FULL_STREAM_COUNTS
+    pool = speech_pool(out / "speakers", 4 if quick else 8, quick)
+    artifacts = load_artifacts(artifacts_dir, verify_hashes=False)
+    translator = Translator.from_loaded(artifacts, "onnxruntime", settings.segment_ms,
+                                        threads=settings.threads)
+    flops = {s: g["flops"] for s, g in bench["graphs"].items()}
+    peak = bench["gemm_peak"]["peak_gflops"]
+    run_streams(translator, pool, 1, 1, flops, peak)  # warm-up: first calls allocate
+    rows = []
+    for n in counts:
+        log(f"streams: {n} concurrent speaker(s), staggered by one segment")
+        rows.append(run_streams(translator, pool, n, 1, flops, peak))
+    mem_counts = [1, 4] if quick else [1, 4, 16]
+    log(f"streams: peak RSS of {', '.join(map(str, mem_counts))} streams in fresh processes")
+    memory = memory_per_stream(artifacts_dir, mem_counts, settings.threads,
+                               seconds=2.0 if quick else 6.0)
+    return {"counts": counts, "runs": rows, "memory": memory,
+            "state_bytes_per_stream": state_bytes_per_stream(artifacts),
+            "added_rss_per_stream_bytes": added_rss_per_stream(memory),
+            "speakers": len(pool), "stagger_segments": 1, "threads": settings.threads}
 
 
 def _windows_part(artifacts_dir: Path, settings: Settings, log) -> dict[str, Any]:
