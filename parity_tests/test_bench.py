@@ -29,7 +29,7 @@ def quick_run(tiny_artifacts_dir, tmp_path_factory):
     """One quick bench on the shared tiny artifacts (tuning left out: it is four more pipelines)."""
     out = tmp_path_factory.mktemp("bench")
     code = cli_main(["bench", "--quick", "--artifacts", str(tiny_artifacts_dir), "--out", str(out),
-                     "--repeats", "2", "--warmup", "0", "--baseline-budget-s", "30",
+                     "--repeats", "2", "--warmup", "0", "--baseline-budget-s", "600",
                      "--skip", "tuning"])
     assert code == 0
     return out, json.loads((out / "bench.json").read_text())
