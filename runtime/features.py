@@ -76,6 +76,9 @@ class FeatureStream:
         self._first = 0
         self._finished = False
         self._num_samples = 0
+        # Normalised frames [first_frame, num_frames), fetched from the fbank once each.
+        self._buffer = np.empty((64, self.num_mel_bins), dtype=np.float32)
+        self._held = 0  # rows of _buffer in use
 
     # ---- input ---------------------------------------------------------------------------------
 
@@ -95,12 +98,29 @@ class FeatureStream:
         scaled = np.ascontiguousarray(samples, dtype=np.float32) * np.float32(INT16_SCALE)
         self._fbank.accept_waveform(float(self.sample_rate), scaled)
         self._num_samples += samples.size
+        self._fetch()
+
+    def _fetch(self) -> None:
+        """Move the fbank's new frames into the normalised buffer (each frame once)."""
+        ready = self.num_frames - self._first
+        if ready <= self._held:
+            return
+        if ready > len(self._buffer):
+            grown = np.empty((max(ready, 2 * len(self._buffer)), self.num_mel_bins), np.float32)
+            grown[:self._held] = self._buffer[:self._held]
+            self._buffer = grown
+        for row in range(self._held, ready):
+            self._buffer[row] = self._fbank.get_frame(self._first + row)
+        self._buffer[self._held:ready] -= self._mean
+        self._buffer[self._held:ready] /= self._std
+        self._held = ready
 
     def input_finished(self) -> None:
         """No more samples (snip_edges: produces no extra frames; further input is an error)."""
         if not self._finished:
             self._fbank.input_finished()
             self._finished = True
+            self._fetch()
 
     @property
     def finished(self) -> bool:
@@ -124,24 +144,25 @@ class FeatureStream:
         return self._first
 
     def frames(self, start: int, end: int) -> np.ndarray:
-        """CMVN-normalised frames ``[start, end)`` as float32 [end - start, num_mel_bins]."""
+        """CMVN-normalised frames ``[start, end)`` as float32 [end - start, num_mel_bins] (a view of
+        the stream's buffer: copy it to keep it past the next ``accept_waveform``/``discard``)."""
         if not self._first <= start <= end <= self.num_frames:
             raise ValueError(
                 f"frames({start}, {end}): expected {self._first} <= start <= end <= {self.num_frames} "
                 f"(frames before {self._first} were discarded)"
             )
-        raw = np.empty((end - start, self.num_mel_bins), dtype=np.float32)
-        for row, t in enumerate(range(start, end)):
-            raw[row] = self._fbank.get_frame(t)
-        return (raw - self._mean) / self._std
+        return self._buffer[start - self._first:end - self._first]
 
     def discard_before(self, frame: int) -> None:
         """Free every frame with index < ``frame`` (at most ``num_frames``; never un-discards)."""
         if frame > self.num_frames:
             raise ValueError(f"discard_before({frame}): only {self.num_frames} frames exist")
         if frame > self._first:
-            self._fbank.pop(frame - self._first)
-            self._first = frame
+            drop = frame - self._first
+            self._fbank.pop(drop)
+            keep = self._held - drop
+            self._buffer[:keep] = self._buffer[drop:self._held]  # a few hundred frames at most
+            self._held, self._first = keep, frame
 
 
 def _check_cmvn(mean: np.ndarray | None, std: np.ndarray | None,

@@ -88,6 +88,7 @@ class Stream:
     input_done: bool = False
     finished: bool = False  # input finished and every output (through EndOfStream) returned
     sentences: list[EndOfSentence] = field(default_factory=list)
+    window: np.ndarray | None = None  # the encoder's fbank window, reused every step
 
     # ---- audio input ----------------------------------------------------------------------------
 

@@ -346,7 +346,7 @@ class Translator:
         frames (fewer than S only in the zero-padded tail)."""
         s = stream.sentence
         start = self._window_start(s, s.encoder_steps)
-        x = self._window_frames(stream.features, start, s.frame_base)
+        x = self._window_frames(stream, start, s.frame_base)
         out, s.states["encoder"] = yield StageCall("encoder", {"x": x}, s.states["encoder"])
         y = out["y"]
         st, s.states["st_ctc"] = yield StageCall("st_ctc", {"x": y}, s.states["st_ctc"])
@@ -357,13 +357,19 @@ class Translator:
         # The next window starts one hop later: older frames are never read again.
         stream.features.discard_before(min(start + self.hop, stream.features.num_frames))
 
-    def _window_frames(self, features: FeatureStream, start: int, first: int) -> np.ndarray:
+    def _window_frames(self, stream: Stream, start: int, first: int) -> np.ndarray:
         """``[1, 4(S+R)+3, 80]`` float32 fbank frames ``[start, start + window)``; frames before
-        ``first`` (the sentence start) or past the end are zeros."""
-        begin, end = max(start, first), min(start + self.window, features.num_frames)
-        x = np.zeros((1, self.window, features.num_mel_bins), dtype=np.float32)
-        if end > begin:
-            x[0, begin - start:end - start] = features.frames(begin, end)
+        ``first`` (the sentence start) or past the end are zeros. The stream's window buffer is
+        reused: a stage never keeps its inputs past the call."""
+        features = stream.features
+        if stream.window is None:
+            stream.window = np.zeros((1, self.window, features.num_mel_bins), dtype=np.float32)
+        x = stream.window
+        lo, hi = max(start, first) - start, min(start + self.window, features.num_frames) - start
+        x[0, :max(lo, 0)] = 0.0
+        if hi > lo:
+            x[0, lo:hi] = features.frames(start + lo, start + hi)
+        x[0, max(hi, lo, 0):] = 0.0
         return x
 
     def _frames_ms(self, frames: int) -> float:
@@ -385,8 +391,8 @@ class Translator:
         s = stream.sentence
         events: list[Event] = []
         if outcome.tokens:
-            committed = s.policy.committed
-            before = committed[:len(committed) - len(outcome.tokens)]
+            committed, new = s.policy.committed, len(outcome.tokens)
+            before = committed[max(0, len(committed) - new - TEXT_CONTEXT):len(committed) - new]
             text = incremental_text(self.tgt_vocab, before, outcome.tokens)
             events.append(TranslationText(text, tuple(outcome.tokens), source_ms,
                                           stream.clock.total_ms))
