@@ -19,6 +19,8 @@ with the agent's chunk sizes).** Every subsampler conv and every depthwise conv 
 into chunks of ``c`` frames; a chunk is convolved with the ``P`` real frames right before it (they
 may reach back more than one chunk: P = 15 > c = 8 for kernel 31) and zeros after its end. Output
 length ``(L - 1) // stride + 1``. Attention: frame ``i`` sees every frame ``j < (i // C + 1) C``.
+(Training draws c from {8, 16} per batch and uses ``min(C, c)``, ``ctc_unity/criterions/
+speech_to_speech_ctc_asr_st_criterion.py:149-167``; the agent's rule is what runs at inference.)
 
 **What depends on what.** An encoder chunk is ``4C`` fbank frames, ``2C`` frames at the second
 conv. With ``c | C`` (C = 8, 16, 32, ...) every conv chunk ends where an attention chunk ends, so a
@@ -40,6 +42,8 @@ prefix every segment and so sees both values). Only whole blocks of ``R`` chunks
   ``conv_context`` ``[B, NL, P, D]`` every depthwise conv's left context, ``block_frames``
   ``[B, (R-1)C, D]`` (R > 1 only) the layer-0 input of the current block's earlier chunks,
   ``processed_chunks`` ``[B]`` int32;
+- validity only from the counter: the window's lead, both conv contexts and the K/V cache hold real
+  frames only as far back as the sentence goes, whatever a (random) state holds there;
 - relative positions from constants: a window query ``i`` and key ``j`` of ``[cache (K); window
   (W)]`` are ``K + i - j`` frames apart whatever the counter says, so the position term is one
   matmul against a constant table of sinusoids and one constant-index gather (no Range);
