@@ -16,6 +16,7 @@ Every builder takes the model config as a plain dict (``EchoStreamConfig.to_dict
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -120,23 +121,81 @@ def next_name(state: str) -> str:
 # ---- derived sizes (shared with the runtime) --------------------------------------------------
 
 
-ENCODER_WINDOW_LEAD = 3  # fbank frames an encoder window starts before its segment (Conv2D)
+ENCODER_WINDOW_LEAD = 3  # fbank frames an Emformer window starts before its segment (Conv2D)
+CONV1D_SUBSAMPLER_KERNEL = 5  # StreamSpeech's Conv1dSubsampler kernels ("5,5")
+CONFORMER_FRAME_FBANK = 4  # fbank frames (10 ms) per encoder frame (40 ms) after two stride-2 convs
+
+
+def encoder_kind(cfg: dict[str, Any]) -> str:
+    return cfg["encoder"].get("kind", "emformer")
+
+
+def conformer_conv_chunk(chunk_size: int) -> int:
+    """Chunk of every chunk-causal conv of StreamSpeech's Conformer, in that conv's own input frames,
+    for attention chunk ``C``: 16 if C >= 16 else 8 (the agent, ``speech_to_speech.streamspeech.
+    agent.py:404-413``)."""
+    return 16 if chunk_size >= 16 else 8
+
+
+def conformer_block_chunks(cfg: dict[str, Any]) -> int:
+    """Attention chunks per block ``R = lcm(C, c) / C`` (``c`` = conv chunk): the smallest span
+    whose end is a chunk end of every conv and of the attention, so a step that holds a whole block
+    equals the full pass. R = 1 for C = 8, 16, 32, ...; R = 2 for C = 4, 12, 24, 40, ...
+
+    Raises:
+        ValueError: the subsampler's conv chunks do not tile an encoder chunk (``c`` must divide
+            ``2C``), so no fixed fbank window per chunk exists.
+    """
+    C = int(cfg["encoder"]["chunk_size"])
+    c = conformer_conv_chunk(C)
+    if C < 1 or (2 * C) % c:
+        raise ValueError(f"encoder.chunk_size {C} cannot stream: its conv chunk {c} must divide 2C "
+                         "(the subsampler's frames per chunk); expected 4, 8, 12 or a multiple of "
+                         "8 from 16")
+    return c // math.gcd(C, c)
+
+
+def encoder_step_frames(cfg: dict[str, Any]) -> int:
+    """Encoder frames one encoder call emits: the Emformer segment S, or the Conformer chunk C."""
+    enc = cfg["encoder"]
+    return int(enc["chunk_size"] if encoder_kind(cfg) == "conformer" else enc["segment_length"])
+
+
+def encoder_window_lead(cfg: dict[str, Any]) -> int:
+    """Fbank frames an encoder window starts before the first frame of its step: 3 for the Conv2D
+    subsampler (see :func:`encoder_window_frames`), ``kernel // 2`` = 2 for the Conformer's first
+    conv (its left context rides in the window instead of in the state)."""
+    if encoder_kind(cfg) == "conformer":
+        return CONV1D_SUBSAMPLER_KERNEL // 2
+    return ENCODER_WINDOW_LEAD
 
 
 def encoder_window_frames(cfg: dict[str, Any]) -> int:
-    """Fbank frames read per encoder step: 4(S+R)+3.
+    """Fbank frames read per encoder step.
 
-    Two 3x3 stride-2 convs with padding 1: encoder frame ``u`` reads fbank frames ``4u-3 .. 4u+3``,
-    so the window of step ``k`` covers fbank frames ``[4Sk - 3, 4Sk + 4(S+R))`` (zeros before the
-    sentence) and yields frames ``Sk .. Sk+S+R-1`` exactly as the full pass does.
+    Emformer: 4(S+R)+3. Two 3x3 stride-2 convs with padding 1: encoder frame ``u`` reads fbank
+    frames ``4u-3 .. 4u+3``, so the window of step ``k`` covers fbank frames ``[4Sk - 3, 4Sk +
+    4(S+R))`` (zeros before the sentence) and yields frames ``Sk .. Sk+S+R-1`` exactly as the full
+    pass does.
+
+    Conformer: 2 + 4C. Chunk ``k`` is fbank frames ``[4Ck, 4C(k+1))`` (its convs never read past a
+    chunk end) plus the first conv's 2 frames of left context before it (zeros before the sentence).
     """
+    if encoder_kind(cfg) == "conformer":
+        return encoder_window_lead(cfg) + encoder_hop_frames(cfg)
     enc = cfg["encoder"]
     return 4 * (enc["segment_length"] + enc["right_context"]) + ENCODER_WINDOW_LEAD
 
 
 def encoder_hop_frames(cfg: dict[str, Any]) -> int:
-    """Fbank frames the encoder window advances per step: 4S."""
-    return 4 * cfg["encoder"]["segment_length"]
+    """Fbank frames the encoder window advances per step: 4S (Emformer) or 4C (Conformer)."""
+    return CONFORMER_FRAME_FBANK * encoder_step_frames(cfg)
+
+
+def encoder_has_valid_input(cfg: dict[str, Any]) -> bool:
+    """Whether the encoder stage takes ``valid_frames`` (the Conformer: a partial last chunk is
+    computed as the full pass computes it; the Emformer's right context has no such input)."""
+    return encoder_kind(cfg) == "conformer"
 
 
 def sentence_source_frames(cfg: dict[str, Any]) -> int:
@@ -160,9 +219,11 @@ def unit_self_capacity(cfg: dict[str, Any]) -> int:
 
 
 def encoder_contract(cfg: dict[str, Any]) -> StageContract:
+    if encoder_kind(cfg) == "conformer":
+        return conformer_encoder_contract(cfg)
     enc, ctc = cfg["encoder"], cfg["ctc"]
     if enc["kind"] != "emformer":
-        raise ValueError(f"only the Emformer encoder streams as a stage graph; got kind {enc['kind']!r}")
+        raise ValueError(f"encoder kind expected 'emformer' or 'conformer', got {enc['kind']!r}")
     layers, d = enc["num_layers"], enc["d_model"]
     S = enc["segment_length"]
     states = []
@@ -183,9 +244,41 @@ def encoder_contract(cfg: dict[str, Any]) -> StageContract:
     )
 
 
+def conformer_encoder_contract(cfg: dict[str, Any]) -> StageContract:
+    """StreamSpeech's chunk Conformer, one call per attention chunk of C encoder frames.
+
+    Inputs: ``x`` the fbank window (:func:`encoder_window_frames`), ``valid_frames`` int32 ``[B]``
+    real fbank frames of the chunk (``4C``; fewer only for a sentence's last chunk). States:
+    ``keys`` / ``values`` per-layer self-attention K/V of the sentence (``max_source_frames``
+    slots, right-aligned), ``subsample_context`` the subsampler's second conv's left context,
+    ``conv_context`` every depthwise conv's left context, ``block_frames`` (only when a block holds
+    R > 1 chunks) the layer inputs of the block's earlier chunks, ``processed_chunks`` the counter.
+    """
+    enc, ctc = cfg["encoder"], cfg["ctc"]
+    layers, d, C = enc["num_layers"], enc["d_model"], enc["chunk_size"]
+    blocks = conformer_block_chunks(cfg)
+    cache = (BATCH, layers, sentence_source_frames(cfg), d)
+    states = [TensorSpec("keys", cache), TensorSpec("values", cache),
+              TensorSpec("subsample_context", (BATCH, CONV1D_SUBSAMPLER_KERNEL // 2,
+                                               enc["subsampling_channels"] // 2))]
+    if enc["depthwise_kernel"] // 2:
+        states.append(TensorSpec("conv_context", (BATCH, layers, enc["depthwise_kernel"] // 2, d)))
+    if blocks > 1:
+        states.append(TensorSpec("block_frames", (BATCH, (blocks - 1) * C, d)))
+    states.append(TensorSpec("processed_chunks", (BATCH,), INT32))
+    return StageContract(
+        "encoder",
+        data_inputs=(TensorSpec("x", (BATCH, encoder_window_frames(cfg), enc["input_dim"])),
+                     TensorSpec("valid_frames", (BATCH,), INT32)),
+        data_outputs=(TensorSpec("y", (BATCH, C, d)),
+                      TensorSpec("asr_log_probs", (BATCH, C, ctc["src_vocab_size"]))),
+        states=tuple(states),
+    )
+
+
 def st_ctc_contract(cfg: dict[str, Any]) -> StageContract:
     enc, ctc = cfg["encoder"], cfg["ctc"]
-    S, d = enc["segment_length"], enc["d_model"]
+    S, d = encoder_step_frames(cfg), enc["d_model"]
     states = []
     if ctc["st_layers"] > 0:
         shape = (BATCH, ctc["st_layers"], sentence_source_frames(cfg), d)
@@ -211,7 +304,7 @@ def mt_source_contract(cfg: dict[str, Any]) -> StageContract:
     enc = cfg["encoder"]
     return StageContract(
         "mt_source",
-        data_inputs=(TensorSpec("x", (BATCH, enc["segment_length"], enc["d_model"])),),
+        data_inputs=(TensorSpec("x", (BATCH, encoder_step_frames(cfg), enc["d_model"])),),
         data_outputs=(),
         states=_cross_cache(cfg),
     )

@@ -73,7 +73,7 @@ def export_artifacts(out: str | Path | None = None, *, preset: str | None = None
     if precision not in ("fp32", "fp16"):
         raise EchoStreamError(f"precision expected 'fp32' or 'fp16', got {precision!r}")
     cfg, build, source = _resolve_source(preset, checkpoint, model)
-    stages = _resolve_stages(cfg, stages, log)
+    stages = _resolve_stages(cfg, stages)
     make_fp16 = _fp16_converter() if precision == "fp16" else None
     out = Path(out) if out is not None else Path("engines") / cfg.name
     _check_out(out, force)
@@ -158,22 +158,19 @@ def _resolve_source(preset, checkpoint, model):
     return cfg, lambda: loaded, {"kind": "checkpoint", "ref": str(checkpoint), "dir": source_dir}
 
 
-def _resolve_stages(cfg, stages: Iterable[str] | None, log) -> list[str]:
-    """Requested stages in pipeline order; the encoder stage needs the streaming Emformer."""
-    streams = cfg.encoder.kind == "emformer"
-    if stages is None:
-        chosen = [s for s in STAGE_NAMES if streams or s != "encoder"]
-        if not streams:
-            log(f"notice: {cfg.name}: the {cfg.encoder.kind} encoder is full-utterance only; "
-                "the encoder stage is not exported")
-        return chosen
-    stages = list(stages)
+def _resolve_stages(cfg, stages: Iterable[str] | None) -> list[str]:
+    """Requested stages in pipeline order (both encoder kinds stream: Emformer and chunk
+    Conformer); a config no stage graph can serve (e.g. a chunk size that cannot stream) is refused
+    here, before the model is built."""
+    stages = list(STAGE_NAMES) if stages is None else list(stages)
     unknown = [s for s in stages if s not in STAGE_NAMES]
     if unknown:
         raise EchoStreamError(f"unknown stage(s) {unknown}; expected some of {list(STAGE_NAMES)}")
-    if "encoder" in stages and not streams:
-        raise EchoStreamError(f"encoder: the {cfg.encoder.kind} encoder of {cfg.name!r} has no "
-                              "streaming stage graph (only the Emformer streams)")
+    for stage in stages:
+        try:
+            stage_contract(stage, cfg.to_dict())
+        except ValueError as exc:
+            raise EchoStreamError(f"{stage}: {exc}") from None
     return [s for s in STAGE_NAMES if s in stages]
 
 

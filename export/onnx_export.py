@@ -28,7 +28,8 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from echostream.contract import BATCH, INT32, StageContract
+from echostream.contract import (BATCH, INT32, StageContract, conformer_conv_chunk,
+                                 encoder_has_valid_input, encoder_hop_frames)
 from echostream.errors import ArtifactError, EchoStreamError
 from echostream.models.state import random_state, torch_dtype
 from echostream.runtime.artifacts import check_graph_io
@@ -66,7 +67,10 @@ class StageModule(nn.Module):
 
 
 def integer_range(stage: str, cfg: dict[str, Any]) -> tuple[int, int]:
-    """``[low, high)`` of a stage's integer data input: target tokens, or unit ids (-1 = none)."""
+    """``[low, high)`` of a stage's integer data input: target tokens, unit ids (-1 = none), or
+    the chunk Conformer's valid fbank frames (1 .. 4C)."""
+    if stage == "encoder" and encoder_has_valid_input(cfg):
+        return 1, encoder_hop_frames(cfg) + 1
     if stage == "mt_decoder":
         return 0, cfg["ctc"]["tgt_vocab_size"]
     if stage in ("duration", "vocoder"):
@@ -193,6 +197,7 @@ def stamp_metadata(proto: onnx.ModelProto, stage: str, cfg: dict[str, Any], opse
         "stage": stage,
         "preset": cfg.get("name", ""),
         "opset": opset,
+        "encoder_kind": enc["kind"],
         "segment_length": enc["segment_length"],
         "right_context": enc["right_context"],
         "left_context": enc["left_context"],
@@ -205,6 +210,8 @@ def stamp_metadata(proto: onnx.ModelProto, stage: str, cfg: dict[str, Any], opse
         "state_layout": "batch-first, right-aligned fixed-capacity FIFOs, validity from int32 counters",
         "config": json.dumps(cfg, sort_keys=True),
     }
+    if enc["kind"] == "conformer":  # the chunk the graph serves (segment_ms = 40 C) and its convs'
+        props.update(chunk_size=enc["chunk_size"], conv_chunk_size=conformer_conv_chunk(enc["chunk_size"]))
     del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()

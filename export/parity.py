@@ -210,32 +210,56 @@ def batch_positions_check(ref, dut, feeds: _Feeds, steps: int) -> Comparison:
 
 
 def full_utterance_check(model, stage: str, dut, feeds: _Feeds, steps: int) -> Comparison:
-    """The backend's step chain over a whole utterance == the PyTorch full-utterance forward."""
+    """The backend's step chain over a whole utterance == the PyTorch full-utterance forward.
+
+    The chunk Conformer's utterance ends inside its last chunk (``valid_frames`` < 4C there), and
+    where a block holds two chunks the reference is each chunk as the pass over the prefix ending
+    there computes it (``ChunkConformerEncoder.chunk_outputs``; the full pass at every block end).
+    """
     import torch
 
-    from echostream.contract import encoder_hop_frames, encoder_window_frames
+    from echostream.contract import encoder_has_valid_input, encoder_hop_frames, encoder_step_frames
 
-    from echostream.models.subsampling import step_window
-
-    cfg, S = feeds.cfg, feeds.cfg["encoder"]["segment_length"]
-    hop, window = encoder_hop_frames(cfg), encoder_window_frames(cfg)
-    # 4(steps * S + R) frames: T = steps * S output frames, every window on real frames.
-    frames = hop * steps + 4 * cfg["encoder"]["right_context"]
+    cfg, S = feeds.cfg, encoder_step_frames(feeds.cfg)
+    hop, partial = encoder_hop_frames(cfg), stage == "encoder" and encoder_has_valid_input(cfg)
+    # Emformer: 4(steps * S + R) frames, T = steps * S output frames, every window on real frames.
+    frames = hop * steps + 4 * cfg["encoder"]["right_context"] - (hop // 2 - 1 if partial else 0)
     features = torch.randn(1, frames, cfg["encoder"]["input_dim"], generator=feeds.gen)
     with torch.inference_mode():
-        enc = model.encoder(features)["encoder_out"][0].transpose(0, 1)  # [1, T, D], T = steps * S
+        enc = _reference_frames(model.encoder, features)  # [1, T, D]
         want = {"y": enc, "asr_log_probs": model.asr_ctc(enc)} if stage == "encoder" else \
             {"y": model.st_ctc(enc.transpose(0, 1)).transpose(0, 1)}
     state, cmp = dut.initial_state(1), Comparison()
     for k in range(steps):
-        if stage == "encoder":
-            inputs = {"x": step_window(features, k, hop, window).numpy()}
-        else:
-            inputs = {"x": enc[:, k * S:(k + 1) * S].numpy()}
+        inputs = _encoder_feed(cfg, features, k) if stage == "encoder" else \
+            {"x": enc[:, k * S:(k + 1) * S].numpy()}
         out, state = dut.run(inputs, state)
+        n = min(S, enc.shape[1] - k * S)  # valid frames of this step (fewer in a partial chunk)
         for name, value in out.items():
-            cmp.add(f"frames {k * S}-{(k + 1) * S - 1} {name}", want[name][:, k * S:(k + 1) * S].numpy(), value)
+            cmp.add(f"frames {k * S}-{k * S + n - 1} {name}", want[name][:, k * S:k * S + n].numpy(),
+                    value[:, :n])
     return cmp
+
+
+def _reference_frames(encoder, features):
+    """``[1, T, D]`` what the chained encoder steps must emit for ``features`` ``[1, F, 80]``."""
+    if hasattr(encoder, "chunk_outputs"):
+        return encoder.chunk_outputs(features[0]).unsqueeze(0)
+    return encoder(features)["encoder_out"][0].transpose(0, 1)
+
+
+def _encoder_feed(cfg: dict[str, Any], features, k: int) -> dict[str, np.ndarray]:
+    """Encoder step ``k``'s inputs over a whole utterance ``[1, F, 80]``."""
+    from echostream.contract import (encoder_has_valid_input, encoder_hop_frames,
+                                     encoder_window_frames, encoder_window_lead)
+    from echostream.models.subsampling import step_window
+
+    hop = encoder_hop_frames(cfg)
+    x = step_window(features, k, hop, encoder_window_frames(cfg), encoder_window_lead(cfg))
+    feed = {"x": x.numpy()}
+    if encoder_has_valid_input(cfg):
+        feed["valid_frames"] = np.array([min(hop, features.shape[1] - k * hop)], np.int32)
+    return feed
 
 
 def run_parity(artifacts, backend: str = "onnxruntime", steps: int = 12, seed: int = 0,

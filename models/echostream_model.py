@@ -36,7 +36,7 @@ def build_encoder(cfg: EchoStreamConfig) -> nn.Module:
     if cfg.encoder.kind == "conformer":
         from echostream.models.conformer_encoder import ChunkConformerEncoder
 
-        return ChunkConformerEncoder(cfg.encoder)
+        return ChunkConformerEncoder(cfg.encoder, cfg.sentence.max_source_frames)
     raise ValueError(f"encoder kind expected 'emformer' or 'conformer', got {cfg.encoder.kind!r}")
 
 
@@ -88,16 +88,14 @@ class EchoStreamModel(nn.Module):
         }
         if name not in steps:
             raise ValueError(f"unknown stage {name!r}; expected one of {list(steps)}")
-        if name == "encoder" and self.cfg.encoder.kind != "emformer":
-            raise ValueError(
-                f"stage 'encoder' needs the streaming Emformer; this model's encoder is "
-                f"{self.cfg.encoder.kind!r} (full-utterance only)"
-            )
         return steps[name]
 
     def _encoder_step(self, inputs: TensorDict, state: TensorDict):
         # The ASR CTC head is frame-wise, so it rides along in the encoder graph (one call/segment).
-        y, next_state = self.encoder.step(inputs["x"], state)
+        if self.cfg.encoder.kind == "conformer":  # one chunk; a sentence's last may be partial
+            y, next_state = self.encoder.step(inputs["x"], inputs["valid_frames"], state)
+        else:
+            y, next_state = self.encoder.step(inputs["x"], state)
         return {"y": y, "asr_log_probs": self.asr_ctc(y)}, next_state
 
     def _st_ctc_step(self, inputs: TensorDict, state: TensorDict):

@@ -45,16 +45,17 @@ def window_frames(num_encoder_frames: int) -> int:
     return 4 * num_encoder_frames + WINDOW_LEAD
 
 
-def step_window(features: Tensor, step: int, hop: int, width: int) -> Tensor:
+def step_window(features: Tensor, step: int, hop: int, width: int, lead: int = WINDOW_LEAD) -> Tensor:
     """Streaming step ``step``'s fbank window of a whole utterance (for tests and parity).
 
     Args:
         features: ``[B, F, C]`` the utterance's fbank frames.
-        hop: fbank frames per step (``4S``); width: window frames (``4(S+R)+3``).
+        hop: fbank frames per step (``4S``); width: window frames (``4(S+R)+3``);
+        lead: frames the window starts before the step (3 here; the chunk Conformer's is 2).
     Returns:
-        ``[B, width, C]`` frames ``step * hop - 3 ..``, zeros outside the utterance.
+        ``[B, width, C]`` frames ``step * hop - lead ..``, zeros outside the utterance.
     """
-    start = step * hop - WINDOW_LEAD
+    start = step * hop - lead
     lo, hi = max(start, 0), min(start + width, features.shape[1])
     out = features.new_zeros(features.shape[0], width, features.shape[2])
     if hi > lo:

@@ -7,6 +7,8 @@ Fixtures:
   stages, fp32). READ-ONLY: tests that damage files must use ``tiny_artifacts_copy``.
 - ``tiny_artifacts`` (session): ``load_artifacts(tiny_artifacts_dir)`` (has ``.root``).
 - ``tiny_artifacts_copy`` (function): a private copy of the folder in ``tmp_path``, free to damage.
+- ``streamspeech_tiny_artifacts_dir`` (session): the same for the ``streamspeech_tiny`` preset (the
+  chunk Conformer encoder stage), cached the same way. READ-ONLY.
 
 Exporting the 7 tiny stages takes 1-3 minutes on 2 shared cores, so the folder is cached in pytest's
 cache directory (``.pytest_cache/d/echostream-tiny/<key>``) under a key hashed from every source file
@@ -47,10 +49,10 @@ def export_cache_key() -> str:
     return h.hexdigest()[:16]
 
 
-def _export_tiny(out: Path) -> None:
+def _export_preset(out: Path, preset: str) -> None:
     from echostream.export.commands import export_artifacts
 
-    export_artifacts(out, preset="tiny", force=True, progress=False, log=lambda _: None)
+    export_artifacts(out, preset=preset, force=True, progress=False, log=lambda _: None)
 
 
 def _usable(folder: Path) -> bool:
@@ -78,16 +80,16 @@ def tiny_model(tiny_config):
     return build_model(tiny_config)
 
 
-@pytest.fixture(scope="session")
-def tiny_artifacts_dir(request, tmp_path_factory) -> Path:
+def _cached_export(request, tmp_path_factory, preset: str) -> Path:
+    """``preset`` exported once: into pytest's cache under the source key (see the module doc)."""
     cache = getattr(request.config, "cache", None)
     if os.environ.get("ECHOSTREAM_FRESH_EXPORT") == "1" or cache is None:
-        out = tmp_path_factory.mktemp("artifacts") / "tiny"
-        _export_tiny(out)
+        out = tmp_path_factory.mktemp("artifacts") / preset
+        _export_preset(out, preset)
         return out
-    base = Path(cache.mkdir("echostream-tiny"))
+    base = Path(cache.mkdir(f"echostream-{preset.replace('_', '-')}"))
     key = export_cache_key()
-    out = base / key / "tiny"
+    out = base / key / preset
     # Several pytest processes may share the cache: export under an exclusive lock.
     with open(base / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -97,10 +99,20 @@ def tiny_artifacts_dir(request, tmp_path_factory) -> Path:
                 for stale in base.iterdir():
                     if stale.is_dir() and stale.name != key and now - stale.stat().st_mtime > _STALE_S:
                         shutil.rmtree(stale, ignore_errors=True)
-                _export_tiny(out)
+                _export_preset(out, preset)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts_dir(request, tmp_path_factory) -> Path:
+    return _cached_export(request, tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def streamspeech_tiny_artifacts_dir(request, tmp_path_factory) -> Path:
+    return _cached_export(request, tmp_path_factory, "streamspeech_tiny")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from echostream.contract import conformer_block_chunks, conformer_conv_chunk
 from echostream.models.config import get_preset
 from echostream.models.conformer_encoder import (
     ChunkCausalConv1d,
@@ -61,15 +62,30 @@ def naive_chunk_conv(conv: torch.nn.Conv1d, x: torch.Tensor, chunk: int) -> torc
     return torch.cat(outs, dim=-1)
 
 
-@pytest.mark.parametrize("stride,groups,chunk,length", [(1, 1, 4, 13), (2, 1, 8, 21), (2, 1, 4, 16),
-                                                        (1, 6, 8, 30)])
-def test_chunk_causal_conv_matches_definition(stride, groups, chunk, length):
+@pytest.mark.parametrize("kernel,stride,groups,chunk,length", [
+    (5, 2, 1, 8, 37),    # subsampler convs (kernel 5, stride 2), c = 8
+    (5, 2, 1, 16, 70),   # c = 16 (C >= 16)
+    (5, 1, 1, 8, 13),
+    (31, 1, 6, 8, 50),   # depthwise kernel 31: P = 15 > c, the context reaches back two chunks
+    (31, 1, 6, 16, 41),
+    (7, 1, 6, 8, 30),    # the tiny depthwise kernel
+    (7, 2, 1, 8, 21),
+])
+def test_chunk_causal_conv_matches_definition(kernel, stride, groups, chunk, length):
     torch.manual_seed(0)
-    conv = ChunkCausalConv1d(6, 12 if groups == 1 else 6, 5, stride=stride, groups=groups)
+    conv = ChunkCausalConv1d(6, 12 if groups == 1 else 6, kernel, stride=stride, groups=groups)
     x = torch.randn(2, 6, length)
     got = conv(x, chunk)
     assert got.shape == (2, conv.out_channels, (length - 1) // stride + 1)
-    torch.testing.assert_close(got, naive_chunk_conv(conv, x, chunk), atol=ATOL, rtol=0)
+    want = naive_chunk_conv(conv, x, chunk)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    # The streaming face: the last whole chunks, with the P frames before them as context.
+    P, n = kernel // 2, min(2, length // chunk) * chunk
+    start = (length // chunk) * chunk - n
+    context = F.pad(x, (P, 0))[..., start:start + P]  # frames start-P .. start-1 (zeros before 0)
+    piece = conv.step(context, x[..., start:start + n], chunk)
+    torch.testing.assert_close(piece, want[..., start // stride:(start + n) // stride],
+                               atol=ATOL, rtol=0)
 
 
 def test_chunk_causal_conv_full_context_is_plain_conv():
@@ -139,18 +155,70 @@ def test_padded_batch_equals_each_alone():
         torch.testing.assert_close(batched[: alone.shape[0], b], alone, atol=ATOL, rtol=0)
 
 
-def _completed_frames(fbank_frames: int, chunk: int) -> int:
-    """Encoder frames of the chunks that are complete after ``fbank_frames`` (4C fbank per chunk)."""
-    return (fbank_frames // (4 * chunk)) * chunk
+# ---- StreamSpeech's conv rule (fidelity row a) ---------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk", [4, 2])
+@pytest.mark.parametrize("chunk,conv_chunk,blocks", [(4, 8, 2), (8, 8, 1), (12, 8, 2), (15, 8, None),
+                                                     (16, 16, 1), (24, 16, 2), (32, 16, 1),
+                                                     (20, 16, None), (2, 8, None)])
+def test_conv_chunk_rule(chunk, conv_chunk, blocks):
+    """The agent's rule (16 if C >= 16 else 8) and the block a streaming step must hold."""
+    assert conformer_conv_chunk(chunk) == conv_chunk
+    cfg = {"encoder": {"chunk_size": chunk}}
+    if blocks is None:
+        with pytest.raises(ValueError, match=f"chunk_size {chunk} cannot stream"):
+            conformer_block_chunks(cfg)
+    else:
+        assert conformer_block_chunks(cfg) == blocks
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 16, 24, None])
+def test_every_conv_uses_the_agents_conv_chunk(chunk, monkeypatch):
+    """Both subsampler convs and every depthwise conv get conv_chunk(C) (in their own input
+    frames), not 4C / 2C / C; the offline model (None) gets plain convs."""
+    seen = []
+    original = ChunkCausalConv1d.forward
+
+    def spy(self, x, chunk_size=None):
+        seen.append(chunk_size)
+        return original(self, x, chunk_size)
+
+    monkeypatch.setattr(ChunkCausalConv1d, "forward", spy)
+    enc = make_encoder(tiny_conformer_cfg(num_layers=3))
+    enc(features(1, 70), torch.tensor([70]), chunk_size=chunk)
+    want = None if chunk is None else conformer_conv_chunk(chunk)
+    assert seen == [want] * (2 + 3)
+
+
+def test_subsampler_matches_definition():
+    """The subsampler with c = 8: mask, conv-from-the-definition, GLU, twice (lengths 70 and 45)."""
+    enc = make_encoder(tiny_conformer_cfg())
+    x, lengths = features(2, 70), torch.tensor([70, 45])
+    got, got_lengths = enc.subsample(x, lengths, 8)
+    h, n = x.transpose(1, 2), lengths
+    for conv in enc.subsample.conv_layers:
+        h = h * (torch.arange(h.shape[-1]) < n.unsqueeze(1)).unsqueeze(1)
+        h = F.glu(naive_chunk_conv(conv, h, 8), dim=1)
+        n = (n - 1) // 2 + 1
+    h = h * (torch.arange(h.shape[-1]) < n.unsqueeze(1)).unsqueeze(1)
+    assert torch.equal(got_lengths, n)
+    torch.testing.assert_close(got, h.transpose(1, 2), atol=ATOL, rtol=0)
+
+
+def _completed_frames(fbank_frames: int, span: int) -> int:
+    """Encoder frames of the spans of ``span`` encoder frames complete after ``fbank_frames``."""
+    return (fbank_frames // (4 * span)) * span
+
+
+@pytest.mark.parametrize("chunk", [8, 16])
 def test_completed_chunks_do_not_change_when_input_grows(chunk):
+    """c divides C: every conv chunk ends on an attention-chunk end, so appended audio never
+    changes a completed chunk; the unfinished chunk is recomputed."""
     enc = make_encoder(tiny_conformer_cfg(chunk_size=chunk))
-    x = features(1, 120)
+    x = features(1, 8 * 4 * chunk)
     full = enc.encode_prefix(x[0])["encoder_out"][0][:, 0]  # [T, D]
     changed_partial = False
-    for prefix in (4 * chunk, 37, 64, 90, 119):
+    for prefix in (4 * chunk, 4 * chunk + 37, 8 * chunk, 17 * chunk + 5, 30 * chunk - 1):
         part = enc.encode_prefix(x[0, :prefix])["encoder_out"][0][:, 0]
         done = _completed_frames(prefix, chunk)
         assert done > 0
@@ -159,6 +227,22 @@ def test_completed_chunks_do_not_change_when_input_grows(chunk):
             changed_partial |= not torch.allclose(part[done:], full[done: part.shape[0]], atol=1e-3)
     # The frames of the unfinished chunk are recomputed with more input: they must differ somewhere.
     assert changed_partial
+
+
+@pytest.mark.parametrize("chunk", [24, 4])
+def test_with_two_chunks_per_block_only_blocks_are_final(chunk):
+    """C = 24 (c = 16) or C = 4 (c = 8): a depthwise conv chunk straddles two attention chunks, so
+    StreamSpeech's own output for the first chunk of a block changes when the next chunk arrives;
+    completed blocks (2C frames) never change."""
+    enc = make_encoder(tiny_conformer_cfg(chunk_size=chunk))
+    x = features(1, 6 * 4 * chunk)
+    full = enc.encode_prefix(x[0])["encoder_out"][0][:, 0]
+    for blocks in (1, 2):
+        done = 2 * chunk * blocks
+        one_more_chunk = enc.encode_prefix(x[0, :4 * (done + chunk)])["encoder_out"][0][:, 0]
+        torch.testing.assert_close(one_more_chunk[:done], full[:done], atol=ATOL, rtol=0)
+        provisional = one_more_chunk[done:done + chunk] - full[done:done + chunk]
+        assert provisional.abs().max() > 1e-2, "the block's first chunk should still change"
 
 
 def test_full_context_is_not_prefix_invariant():

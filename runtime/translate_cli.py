@@ -42,7 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="artifacts folder written by `echostream export`")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     parser.add_argument("--segment-ms", type=int, default=320, metavar="MS",
-                        help="policy segment: a multiple of the encoder segment (default 320)")
+                        help="policy segment: a multiple of the Emformer segment, or exactly the chunk "
+                             "Conformer's chunk x 40 ms (default 320)")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="intra-op threads (onnxruntime backend)")

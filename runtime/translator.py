@@ -32,6 +32,12 @@ At the sentence capacity (``sentence.max_source_frames`` / ``max_target_tokens``
 ends: its translation is decoded to ``</s>``, its speech flushed, an ``EndOfSentence`` says why,
 and the next segment starts a new sentence with fresh states.
 
+With the chunk Conformer (``streamspeech`` presets) an encoder step is one attention chunk of C
+frames: the window is 2 + 4C fbank frames (the first conv's left context, then the chunk)
+advancing by 4C, ``segment_ms`` must be exactly C x 40 ms, and the last chunk at end of input
+passes its real fbank frames as ``valid_frames``, so its encoder frames equal the full pass over
+the sentence.
+
 At end of input the fbank tail is zero-padded (in normalised feature space, i.e. the CMVN mean) so
 the last partial segment and its right context can run; as in the full-utterance pass, the last R
 encoder frames of the real audio are only right context, and CTC outputs past them are ignored; the
@@ -48,8 +54,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from echostream.contract import (ENCODER_WINDOW_LEAD, STAGE_NAMES, encoder_hop_frames,
-                                 encoder_window_frames, sentence_source_frames,
+from echostream.contract import (STAGE_NAMES, encoder_has_valid_input, encoder_hop_frames,
+                                 encoder_kind, encoder_step_frames, encoder_window_frames,
+                                 encoder_window_lead, sentence_source_frames,
                                  sentence_target_tokens)
 from echostream.errors import ArtifactError, EchoStreamError
 from echostream.runtime.ctc import text_ctc, unit_ctc
@@ -138,7 +145,9 @@ class Translator:
         self.policy_config = dataclasses.replace(policy or PolicyConfig(), segment_ms=segment_ms)
         self.window = encoder_window_frames(self.config)
         self.hop = encoder_hop_frames(self.config)
-        self.segment_length = int(self.config["encoder"]["segment_length"])
+        self.lead = encoder_window_lead(self.config)
+        self.valid_input = encoder_has_valid_input(self.config)
+        self.segment_length = encoder_step_frames(self.config)  # encoder frames per encoder call
         self.right_context = int(self.config["encoder"]["right_context"])
         self.source_capacity = sentence_source_frames(self.config)
         self.target_capacity = sentence_target_tokens(self.config)
@@ -270,9 +279,10 @@ class Translator:
         return self._frames_ms(self._window_start(s, s.encoder_steps - 1) + self.window)
 
     def _window_start(self, s: Sentence, step: int) -> int:
-        """Absolute fbank frame where encoder step ``step``'s window starts (3 frames before its
-        segment; frames before the sentence are read as zeros)."""
-        return s.frame_base + step * self.hop - ENCODER_WINDOW_LEAD
+        """Absolute fbank frame where encoder step ``step``'s window starts (``lead`` frames before
+        its segment: 3 for the Emformer, 2 for the chunk Conformer; frames before the sentence are
+        read as zeros)."""
+        return s.frame_base + step * self.hop - self.lead
 
     def _segment_step(self, stream: Stream) -> Program:
         s = stream.sentence
@@ -346,8 +356,8 @@ class Translator:
         frames (fewer than S only in the zero-padded tail)."""
         s = stream.sentence
         start = self._window_start(s, s.encoder_steps)
-        x = self._window_frames(stream, start, s.frame_base)
-        out, s.states["encoder"] = yield StageCall("encoder", {"x": x}, s.states["encoder"])
+        out, s.states["encoder"] = yield StageCall("encoder", self._encoder_inputs(stream, start),
+                                                   s.states["encoder"])
         y = out["y"]
         st, s.states["st_ctc"] = yield StageCall("st_ctc", {"x": y}, s.states["st_ctc"])
         _, s.states["mt_source"] = yield StageCall("mt_source", {"x": y}, s.states["mt_source"])
@@ -356,6 +366,16 @@ class Translator:
         s.encoder_steps += 1
         # The next window starts one hop later: older frames are never read again.
         stream.features.discard_before(min(start + self.hop, stream.features.num_frames))
+
+    def _encoder_inputs(self, stream: Stream, start: int) -> dict[str, np.ndarray]:
+        """The window at ``start``, and for the chunk Conformer the chunk's real fbank frames
+        (``4C``; fewer only in the last chunk at end of input, which the graph then computes as the
+        full pass over the shorter sentence does)."""
+        inputs = {"x": self._window_frames(stream, start, stream.sentence.frame_base)}
+        if self.valid_input:
+            real = stream.features.num_frames - (start + self.lead)
+            inputs["valid_frames"] = np.array([min(max(real, 1), self.hop)], np.int32)
+        return inputs
 
     def _window_frames(self, stream: Stream, start: int, first: int) -> np.ndarray:
         """``[1, 4(S+R)+3, 80]`` float32 fbank frames ``[start, start + window)``; frames before
@@ -439,6 +459,8 @@ def encoder_frames(fbank_frames: int) -> int:
 
 def steps_per_segment(config: Mapping[str, Any], segment_ms: int) -> int:
     """Encoder steps per policy segment; refuses a segment the exported encoder cannot serve."""
+    if encoder_kind(config) == "conformer":
+        return conformer_steps_per_segment(config, segment_ms)
     seg_frames = int(config["encoder"]["segment_length"])
     unit_ms = seg_frames * ENCODER_FRAME_MS
     if (not isinstance(segment_ms, (int, np.integer)) or segment_ms <= 0
@@ -449,3 +471,16 @@ def steps_per_segment(config: Mapping[str, Any], segment_ms: int) -> int:
             f"{ENCODER_FRAME_MS} ms = {unit_ms} ms), e.g. {unit_ms}, {2 * unit_ms}, {4 * unit_ms}"
         )
     return int(segment_ms) // unit_ms
+
+
+def conformer_steps_per_segment(config: Mapping[str, Any], segment_ms: int) -> int:
+    """The chunk Conformer serves exactly one segment size: its exported chunk C x 40 ms
+    (StreamSpeech's agent sets the chunk to ``segment_ms // 40``; another segment would need
+    another graph)."""
+    chunk = encoder_step_frames(config)
+    allowed = chunk * ENCODER_FRAME_MS
+    if not isinstance(segment_ms, (int, np.integer)) or segment_ms != allowed:
+        raise SegmentSizeError(
+            f"segment size the chunk Conformer cannot serve: segment_ms={segment_ms!r}; expected "
+            f"{allowed} (its exported chunk of {chunk} frames x {ENCODER_FRAME_MS} ms)")
+    return 1
