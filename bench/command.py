@@ -40,7 +40,7 @@ from echostream.errors import BackendUnavailable, EchoStreamError
 PARTS = ("position", "pipeline", "streams", "tuning", "backends", "memory", "tensorrt",
          "windows")
 FULL_STREAM_COUNTS = [1, 2, 4, 8, 16, 32]
-QUICK_STREAM_COUNTS = [1, 2, 4]
+QUICK_STREAM_COUNTS = [1, 2, 8]
 
 
 @dataclasses.dataclass
