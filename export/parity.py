@@ -309,6 +309,11 @@ def polygraphy_rows(artifacts, stages: Iterable[str], iterations: int, seed: int
                     check: str = POLYGRAPHY_CHECK) -> list[CheckResult]:
     """One ``check`` row per stage: ``dut_runner(artifacts, stage)`` vs
     ``ref_runner(artifacts, stage)`` over ``iterations`` independent steps."""
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError:
+        raise BackendUnavailable("the polygraphy single-step rows need polygraphy (pip install "
+                                 "'echostream[gpu-cu13]' or 'echostream[gpu-cu12]')") from None
     rows = []
     for stage in stages:
         contract = artifacts.contract(stage)
