@@ -6,6 +6,15 @@ off the graph itself. This module checks every node against the parser's operato
 project's own state rules (DESIGN §4): no control flow or data-dependent shapes, batch as the only
 dynamic axis, constant axes where the parser needs them, no float64 / 8-bit tensors.
 
+**What it guarantees.** By default a clean graph parses on every TensorRT from **10.0** to 11.1:
+on top of the 11.1 matrix it applies what the 10.0/10.1 matrices restrict further (the ``floor``
+section of ``tensorrt_ops.json``): opset 9-20, no operators that only 11.x parses (STFT, the window
+ops, Attention, RMSNormalization, RotaryEmbedding, Swish, TensorScatter, DeformConv), ``axes`` of
+Slice/Pad/Squeeze/Unsqueeze/Reduce* (and CumSum's ``axis``, OneHot's ``depth``) as initializers or
+Constant nodes, Pow on floats only, Constant/ConstantOfShape values of the 10.0 types.
+``--min-tensorrt 11.1`` checks the 11.1 matrix alone. FP8 means E4M3 (``FLOAT8E4M3FN``) only,
+and only through Q/DQ; the other 8-bit float formats are not TensorRT types.
+
 Each problem is one :class:`Violation`, printed as ``<file>: <node name> (<op>): <problem>``.
 Graph-level problems use ``model (opset)`` or ``<tensor> (graph input|graph output)``.
 """
@@ -36,12 +45,16 @@ BANNED_OPS = {
 SCATTER_PROBLEM = "{op} is banned (in-place writes); update caches with Concat + a constant Slice"
 
 # ONNX TensorProto element types -> the names the TensorRT operator matrix uses.
+# TensorRT's FP8 is E4M3 (ONNX FLOAT8E4M3FN) only: the other 8-bit float formats keep their own
+# names here, so they match no type list of the matrix.
 _TRT_TYPE_NAMES = {
     1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64",
     8: "STRING", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64",
-    14: "COMPLEX64", 15: "COMPLEX128", 16: "BF16", 17: "FP8", 18: "FP8", 19: "FP8", 20: "FP8",
-    21: "UINT4", 22: "INT4", 23: "FP4",
+    14: "COMPLEX64", 15: "COMPLEX128", 16: "BF16", 17: "FP8", 18: "FP8E4M3FNUZ", 19: "FP8E5M2",
+    20: "FP8E5M2FNUZ", 21: "UINT4", 22: "INT4", 23: "FP4", 24: "FP8E8M0",
 }
+_OTHER_FP8 = {"FP8E4M3FNUZ", "FP8E5M2", "FP8E5M2FNUZ", "FP8E8M0"}
+MIN_TENSORRT_CHOICES = ("10.0", "11.1")
 _PLAIN_TYPES = {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"}
 _QUANTIZED_TYPES = {"INT8", "FP8", "INT4", "FP4"}  # only through explicit Q/DQ nodes
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
@@ -86,6 +99,7 @@ class _GraphFacts:
         self.types: dict[str, int] = dict(outer.types) if outer else {}
         self.values: dict[str, Any] = dict(outer.values) if outer else {}
         self.constant: set[str] = set(outer.constant) if outer else set()
+        self.weights: set[str] = set(outer.weights) if outer else set()  # what a parser sees as weights
         graph_inputs = {i.name for i in graph.input}
         for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
@@ -94,6 +108,7 @@ class _GraphFacts:
             self.types[init.name] = init.data_type
             if init.name not in graph_inputs:  # an initializer that is also an input is overridable
                 self.constant.add(init.name)
+                self.weights.add(init.name)
                 self.values[init.name] = init
         for node in graph.node:
             self._note_constant(node)
@@ -106,6 +121,7 @@ class _GraphFacts:
     def _note_constant(self, node) -> None:
         if node.op_type == "Constant":
             self.constant.update(node.output)
+            self.weights.update(node.output)
             for attr in node.attribute:
                 if attr.name == "value":
                     self.values[node.output[0]] = attr.t
@@ -146,7 +162,8 @@ def default_opset(model) -> int | None:
 # ---- the checks -------------------------------------------------------------------------------
 
 
-def lint_model(path: str | Path, contract: StageContract | None = None) -> list[Violation]:
+def lint_model(path: str | Path, contract: StageContract | None = None,
+               min_tensorrt: str = "10.0") -> list[Violation]:
     """All TensorRT-readiness violations of one ONNX file (an empty list when it is clean).
 
     Args:
@@ -154,7 +171,12 @@ def lint_model(path: str | Path, contract: StageContract | None = None) -> list[
         contract: the stage's I/O contract; when given, graph I/O must match it exactly and only
             its ``"B"`` axes may be dynamic. Without it, axis 0 of graph I/O is the only dynamic axis
             allowed.
+        min_tensorrt: the oldest TensorRT the graph must parse on: ``"10.0"`` (default: the 11.1
+            matrix plus the 10.0/10.1 restrictions) or ``"11.1"`` (the 11.1 matrix alone).
     """
+    if min_tensorrt not in MIN_TENSORRT_CHOICES:
+        raise ValueError(f"min_tensorrt expected one of {list(MIN_TENSORRT_CHOICES)}, got {min_tensorrt!r}")
+    floor = operator_table()["floor"] if min_tensorrt == "10.0" else None
     path = Path(path)
     file = path.name
     try:
@@ -162,19 +184,24 @@ def lint_model(path: str | Path, contract: StageContract | None = None) -> list[
     except Exception as exc:  # noqa: BLE001 - any load failure is reported as a violation
         return [Violation(file, "model", "load", f"cannot read the ONNX file: {exc}")]
     opset = default_opset(model)
-    out = list(_check_opset(file, opset))
+    out = list(_check_opset(file, opset, floor))
     out += _check_io(file, model.graph, contract)
     facts = _GraphFacts(model.graph)
     out += _check_tensor_types(file, model.graph, facts)
-    out += _check_graph_nodes(file, model.graph, facts, opset or 0, prefix="")
+    out += _check_graph_nodes(file, model.graph, facts, opset or 0, prefix="", floor=floor)
     return out
 
 
-def _check_opset(file: str, opset: int | None) -> Iterator[Violation]:
+def _check_opset(file: str, opset: int | None, floor: dict[str, Any] | None) -> Iterator[Violation]:
     table = operator_table()
     lo, hi = table["opset_min"], table["opset_max"]
     if opset is None:
         yield Violation(file, "model", "opset", "no default-domain (ai.onnx) opset is imported")
+    elif floor is not None and not floor["opset_min"] <= opset <= floor["opset_max"]:
+        also = f" (TensorRT {table['tensorrt_version']}: {lo}-{hi})" if lo <= opset <= hi else ""
+        yield Violation(file, "model", "opset",
+                        f"opset {opset} is outside the TensorRT {floor['tensorrt_version']} parser's "
+                        f"range {floor['opset_min']}-{floor['opset_max']}{also}")
     elif not lo <= opset <= hi:
         yield Violation(file, "model", "opset",
                         f"opset {opset} is outside the TensorRT {table['tensorrt_version']} "
@@ -261,6 +288,9 @@ def _check_tensor_types(file: str, graph, facts: _GraphFacts) -> Iterator[Violat
         reported.add(name)
         if dtype == "FP64":
             problem = f"tensor {name!r} is float64 (TensorRT narrows it to float32 with clamping)"
+        elif dtype in _OTHER_FP8:
+            problem = (f"tensor {name!r} is {dtype}; TensorRT's FP8 is E4M3 (FLOAT8E4M3FN) only, "
+                       "through Q/DQ")
         elif dtype in _QUANTIZED_TYPES | {"UINT8"}:
             problem = f"tensor {name!r} is {dtype}; 8-bit and lower types only pass through Q/DQ"
         else:
@@ -268,15 +298,20 @@ def _check_tensor_types(file: str, graph, facts: _GraphFacts) -> Iterator[Violat
         yield Violation(file, where[0], where[1], problem)
 
 
-def _check_graph_nodes(file: str, graph, facts: _GraphFacts, opset: int,
-                       prefix: str) -> Iterator[Violation]:
+def _check_graph_nodes(file: str, graph, facts: _GraphFacts, opset: int, prefix: str,
+                       floor: dict[str, Any] | None = None) -> Iterator[Violation]:
     for index, node in enumerate(graph.node):
         label = prefix + (node.name or f"node#{index}")
-        yield from _check_node(file, label, node, facts, opset)
+        problems = list(_check_node(file, label, node, facts, opset))
+        yield from problems
+        if floor is not None and not any("not supported" in p.problem or "not in the" in p.problem
+                                         or "custom-domain" in p.problem for p in problems):
+            yield from (Violation(file, label, node.op_type, p)
+                        for p in _floor_problems(node, facts, opset, floor))
         for attr in node.attribute:  # bodies of If/Loop/Scan (already flagged, but look inside)
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 yield from _check_graph_nodes(file, sub, _GraphFacts(sub, facts), opset,
-                                              prefix=f"{label}/")
+                                              prefix=f"{label}/", floor=floor)
 
 
 def _check_node(file: str, label: str, node, facts: _GraphFacts, opset: int) -> Iterator[Violation]:
@@ -334,8 +369,18 @@ def _main_type_inputs(node, opset: int) -> list[str]:
     return names
 
 
+# Operators whose matrix types are those of the output (``output_datatype``), not of an input.
+_OUTPUT_TYPED = {"HannWindow", "HammingWindow", "BlackmanWindow"}
+
+
 def _type_problems(node, allowed: Sequence[str], facts: _GraphFacts, opset: int,
                    version: str) -> Iterator[str]:
+    if node.op_type in _OUTPUT_TYPED:
+        dtype = type_name(_attr(node, "output_datatype", 1))
+        if dtype not in allowed:
+            yield (f"output_datatype is {dtype}; the TensorRT {version} parser supports "
+                   f"{node.op_type} on {', '.join(allowed)}")
+        return
     for name in _main_type_inputs(node, opset):
         elem_type = facts.types.get(name)
         if elem_type is None:
@@ -388,6 +433,43 @@ def _restriction_problems(node, facts: _GraphFacts) -> Iterator[str]:
             yield "training_mode must be a constant false (inference only)"
 
 
+# Inputs the 11.1 rules already require to be build-time constants (see _restriction_problems).
+_CONSTANT_RULES = {"Squeeze": 1, "Unsqueeze": 1, "CumSum": 1, "TopK": 1}
+
+
+def _floor_problems(node, facts: _GraphFacts, opset: int, floor: dict[str, Any]) -> Iterator[str]:
+    """What the TensorRT 10.0/10.1 parsers refuse although the 11.1 matrix accepts it."""
+    op, inputs = node.op_type, list(node.input)
+    older = f"TensorRT {' and '.join(floor['covers'])}"
+    if op in floor["not_supported"]:
+        yield f"not supported by the {older} ONNX parsers (TensorRT 11.x only)"
+        return
+    allowed = floor["types"].get(op)
+    if allowed:
+        for name in _main_type_inputs(node, opset):
+            elem_type = facts.types.get(name)
+            eleven = operator_table()["supported"].get(op, {}).get("types", [])
+            if elem_type is not None and type_name(elem_type) not in allowed \
+                    and type_name(elem_type) in eleven:  # else the 11.1 rule has said it
+                yield (f"input {name!r} is {type_name(elem_type)}; the {older} parsers support {op} "
+                       f"on {', '.join(allowed)}")
+    allowed = floor["value_types"].get(op)
+    if allowed:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        dtype = type_name(value.data_type) if value is not None else ("FP32" if op == "ConstantOfShape" else None)
+        if dtype is not None and dtype not in allowed:
+            yield f"value is {dtype}; the {older} parsers support {op} values of {', '.join(allowed)}"
+    rules = floor["weights_inputs"].get(op) or (
+        floor["weights_inputs"].get("Reduce*") if op.startswith("Reduce") else None) or {}
+    for index, what in rules.items():
+        i = int(index)
+        if len(inputs) <= i or not inputs[i] or inputs[i] in facts.weights:
+            continue
+        if inputs[i] not in facts.constant and (op.startswith("Reduce") or _CONSTANT_RULES.get(op) == i):
+            continue  # already reported by the 11.1 rule: must be a build-time constant
+        yield f"{what} ({inputs[i]!r}) must be an initializer or a Constant node for the {older} parsers"
+
+
 # ---- folders and the CLI ----------------------------------------------------------------------
 
 
@@ -415,8 +497,10 @@ def _contract_for(path: Path, config: dict[str, Any] | None) -> StageContract | 
         return None  # a graph that is not a stage (e.g. a helper graph): lint it without contract
 
 
-def lint_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Violation]]:
-    """Lint files and artifact folders (every ``*.onnx`` in them, with the manifest's contracts).
+def lint_paths(paths: Iterable[str | Path], min_tensorrt: str = "10.0"
+               ) -> tuple[list[Path], list[Violation]]:
+    """Lint files and artifact folders (every ``*.onnx`` in them, with the manifest's contracts);
+    ``min_tensorrt`` as for :func:`lint_model`.
 
     Returns:
         (files checked, violations).
@@ -433,7 +517,7 @@ def lint_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Violation]
             files.append((p, _contract_for(p, _manifest_config(p.parent))))
         else:
             raise ArtifactError(f"{p}: no such file or folder")
-    violations = [v for f, c in files for v in lint_model(f, c)]
+    violations = [v for f, c in files for v in lint_model(f, c, min_tensorrt)]
     return [f for f, _ in files], violations
 
 
@@ -441,14 +525,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="artifacts folder(s) (every *.onnx, contracts from manifest.json) "
                              "or single .onnx files")
+    parser.add_argument("--min-tensorrt", choices=MIN_TENSORRT_CHOICES, default="10.0",
+                        help="oldest TensorRT the graphs must parse on: 10.0 (default: the 11.1 "
+                             "matrix plus the 10.0/10.1 restrictions) or 11.1 (the 11.1 matrix alone)")
 
 
 def main(args: argparse.Namespace) -> int:
-    files, violations = lint_paths(args.paths)
+    files, violations = lint_paths(args.paths, args.min_tensorrt)
     for v in violations:
         print(v)
     table = operator_table()
+    target = (f"TensorRT {table['floor']['tensorrt_version']} to {table['tensorrt_version']} ONNX "
+              "parsers" if args.min_tensorrt == "10.0" else
+              f"TensorRT {table['tensorrt_version']} ONNX parser matrix")
     print(f"echostream lint: {len(files)} graph(s), {len(violations)} violation(s) against the "
-          f"TensorRT {table['tensorrt_version']} ONNX parser matrix and the state rules",
-          file=sys.stderr)
+          f"{target} and the state rules", file=sys.stderr)
     return 1 if violations else 0

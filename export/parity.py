@@ -12,6 +12,14 @@ single call misses, so states are compared too, every step):
 - ``full utterance`` (encoder, st_ctc): the backend's step chain over a whole random utterance ==
   the PyTorch full-utterance ``forward`` (the streaming graph computes the offline model).
 
+With ``--backend tensorrt`` each stage also gets a ``polygraphy single step`` row: polygraphy's
+``TrtRunner`` on the stage's plan and ``OnnxrtRunner`` on its ONNX graph (CPU provider), driven by
+polygraphy's ``Comparator`` from the same feeds (random data, context and states as graph inputs),
+one independent step per feed; it tells an engine bug from an export bug without PyTorch in the
+loop. The chained checks stay ours: a comparator cannot feed a runner its own next state.
+
+The reference is PyTorch: without it the command stops with one line saying what to install.
+
 Metrics per check: max and mean absolute error and the lowest cosine similarity over all compared
 tensors and steps; integer tensors (counters) must match exactly. Verdicts use the tolerance of the
 backend and precision (DESIGN §8): fp32 ONNX Runtime max abs 1e-4, fp32 TensorRT 1e-3, fp16 cosine
@@ -21,6 +29,7 @@ loader, which cannot feed a runner's own next state back step after step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -30,8 +39,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from echostream.contract import STAGE_NAMES
+from echostream.errors import BackendUnavailable
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
+POLYGRAPHY_CHECK = "polygraphy single step (TensorRT vs ONNX Runtime)"
 BATCH = 2
 POSITIONS = (0, 1, 3)  # warm-up steps of the streams batched in the ``batch positions`` check
 
@@ -262,15 +273,102 @@ def _encoder_feed(cfg: dict[str, Any], features, k: int) -> dict[str, np.ndarray
     return feed
 
 
+# ---- polygraphy single-step rows -----------------------------------------------------------------
+
+
+def single_step_feeds(contract, feeds: _Feeds, iterations: int, batch: int = BATCH) -> list[dict]:
+    """``iterations`` feed dicts holding every graph input (data, context, a random state)."""
+    out = []
+    for _ in range(iterations):
+        feed = dict(feeds.data(contract, batch))
+        feed.update(feeds.context(contract, batch) or {})
+        feed.update(feeds.state(contract, batch) or {})
+        out.append(feed)
+    return out
+
+
+def onnxrt_runner(artifacts, stage: str, name: str | None = None):
+    """Polygraphy's ONNX Runtime runner on the stage's graph, CPU provider (the reference side)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    return OnnxrtRunner(SessionFromOnnx(str(artifacts.stage_path(stage)), providers=["cpu"]),
+                        name=name or f"onnxrt {stage}")
+
+
+def trt_runner(artifacts, stage: str, device: int = 0, name: str | None = None):
+    """Polygraphy's TensorRT runner on the stage's plan, refused like ``TrtStage`` refuses it
+    (plan built with another TensorRT version or on another GPU)."""
+    from echostream.runtime.tensorrt_backend import (check_plan_compatible, engine_entry, gpu_info,
+                                                     import_tensorrt, set_device, trt_logger)
+
+    trt = import_tensorrt()
+    entry = engine_entry(artifacts.manifest, stage, artifacts.precision)
+    check_plan_compatible(entry, trt.__version__, gpu_info(device))
+    set_device(device)
+    from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
+    trt_logger(trt)  # polygraphy's runtime gets the process logger
+    return TrtRunner(EngineFromPath(str(artifacts.root / entry["file"])), name=name or f"tensorrt {stage}")
+
+
+def polygraphy_single_step(ref_runner, dut_runner, feeds: list[dict]) -> Comparison:
+    """Both runners on the same feeds through polygraphy's ``Comparator``; every output of every
+    iteration compared (``ref_runner`` = reference)."""
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    with contextlib.redirect_stdout(sys.stderr), G_LOGGER.verbosity(G_LOGGER.WARNING):
+        results = Comparator.run([ref_runner, dut_runner], data_loader=feeds)
+    cmp = Comparison()
+    want_all, got_all = results[ref_runner.name], results[dut_runner.name]
+    if len(want_all) != len(feeds) or len(got_all) != len(feeds):
+        raise ValueError(f"polygraphy ran {len(want_all)}/{len(got_all)} iterations, expected {len(feeds)}")
+    for i, (want, got) in enumerate(zip(want_all, got_all)):
+        cmp.add_all(f"iteration {i} ", dict(want), dict(got))
+    return cmp
+
+
+def polygraphy_rows(artifacts, stages: Iterable[str], iterations: int, seed: int, tol: Tolerance,
+                    dut_runner=trt_runner, ref_runner=onnxrt_runner,
+                    check: str = POLYGRAPHY_CHECK) -> list[CheckResult]:
+    """One ``check`` row per stage: ``dut_runner(artifacts, stage)`` vs
+    ``ref_runner(artifacts, stage)`` over ``iterations`` independent steps."""
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError:
+        raise BackendUnavailable("the polygraphy single-step rows need polygraphy (pip install "
+                                 "'echostream[gpu-cu13]' or 'echostream[gpu-cu12]')") from None
+    rows = []
+    for stage in stages:
+        contract = artifacts.contract(stage)
+        feeds = single_step_feeds(contract, _Feeds(artifacts.config, seed + 100 + STAGE_NAMES.index(stage)),
+                                  iterations)
+        cmp = polygraphy_single_step(ref_runner(artifacts, stage), dut_runner(artifacts, stage), feeds)
+        rows.append(_result(stage, check, cmp, tol))
+    return rows
+
+
+def require_reference() -> None:
+    """The PyTorch reference backend, or the registry's one-line BackendUnavailable."""
+    from echostream.runtime.backends import backend_module
+
+    try:
+        backend_module("torch")
+    except BackendUnavailable as exc:
+        raise BackendUnavailable(f"parity compares against the PyTorch reference: {exc}") from None
+
+
 def run_parity(artifacts, backend: str = "onnxruntime", steps: int = 12, seed: int = 0,
                stages: Iterable[str] | None = None, backend_options: dict[str, Any] | None = None,
                ) -> list[CheckResult]:
-    """Every check on every stage of a loaded ``Artifacts``; returns one row per (stage, check)."""
+    """Every check on every stage of a loaded ``Artifacts``; returns one row per (stage, check)
+    (plus, on TensorRT, one polygraphy single-step row per stage)."""
+    if steps < 1:
+        raise ValueError(f"steps expected >= 1, got {steps}")
+    require_reference()
     from echostream.export.torch_backend import TorchStage, load_reference_model
     from echostream.runtime.backends import load_stage
 
-    if steps < 1:
-        raise ValueError(f"steps expected >= 1, got {steps}")
     model = load_reference_model(artifacts)
     tol = tolerance(backend, artifacts.precision)
     options = dict(backend_options or {})
@@ -290,6 +388,10 @@ def run_parity(artifacts, backend: str = "onnxruntime", steps: int = 12, seed: i
             checks.append(("full utterance", lambda: full_utterance_check(model, stage, dut, feeds, steps)))
         for name, check in checks:
             results.append(_result(stage, name, check(), tol))
+        if backend == "tensorrt":
+            device = options.get("device", 0)
+            results += polygraphy_rows(artifacts, [stage], steps, seed, tol,
+                                       dut_runner=lambda a, s: trt_runner(a, s, device))
     return results
 
 
@@ -313,6 +415,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", nargs="+", choices=STAGE_NAMES, metavar="STAGE",
                         help="stages to check (default: every stage in the artifacts)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verify", action="store_true",
+                        help="re-hash every artifact file (by default a file unchanged since its "
+                             "sha256 last matched is not re-read)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -321,7 +426,8 @@ def main(args: argparse.Namespace) -> int:
     if args.steps < 1:
         print("echostream parity: error: --steps expected >= 1", file=sys.stderr)
         return 2
-    artifacts = load_artifacts(args.artifacts, args.precision)
+    require_reference()  # before reading anything: without PyTorch there is nothing to compare to
+    artifacts = load_artifacts(args.artifacts, args.precision, rehash=args.verify)
     results = run_parity(artifacts, args.backend, args.steps, args.seed, args.stages)
     print(format_table(results))
     failed = [r for r in results if not r.passed]

@@ -1,22 +1,34 @@
 """`echostream build-engines`: TensorRT plans from an artifacts folder's ONNX graphs.
 
 One engine per stage, built on the GPU that will run it (plans are tied to the TensorRT version and
-GPU model). Works with TensorRT 10.x and 11.x:
+GPU model), through polygraphy's TensorRT loaders (TensorRT 10.x and 11.x):
 
-- the network is strongly typed (``STRONGLY_TYPED``: required to opt in on 10.x, always on in 11.x),
-  so precision comes from the graph: ``--precision fp16`` builds from ``<stage>.fp16.onnx``
-  (``echostream export --precision fp16``), never from the removed ``BuilderFlag.FP16``;
-- one optimisation profile per engine: batch min/opt/max, every other axis static (the contract);
-- TF32 is off unless ``--tf32`` (TensorRT enables it by default; fp32 parity assumes true fp32);
-- workspace limit, ``builder_optimization_level``, and a persistent timing cache that makes rebuilds
-  fast (also tied to TensorRT version + GPU);
-- parser errors are listed one per node; every plan is written atomically as
-  ``<stage>.<precision>.plan`` and recorded in ``manifest.json`` (sha256, size, TensorRT version,
-  GPU name + compute capability, build settings), which is itself rewritten atomically.
+- ``cudaSetDevice(--device)`` first, so the builder works on the GPU the manifest records;
+- ``NetworkFromOnnxPath(strongly_typed=True)`` (``STRONGLY_TYPED``: opt-in on 10.x, always on in
+  11.x): precision comes from the graph, so ``--precision fp16`` builds from ``<stage>.fp16.onnx``
+  (``echostream export --precision fp16``), never from the removed ``BuilderFlag.FP16``; the parsed
+  network's inputs are checked against the stage contract (only axis 0 dynamic, every other axis
+  the contract's);
+- ``CreateConfig``: one optimisation profile (batch min/opt/max, every other axis static), TF32 off
+  unless ``--tf32`` (fp32 parity assumes true fp32), ``builder_optimization_level``; then our
+  ``PostprocessConfig`` step sets the workspace limit and attaches the persistent timing cache,
+  checking ``set_timing_cache``'s answer: a cache made by another TensorRT version or GPU is
+  refused by TensorRT, and the build starts from a fresh one (said once on stderr);
+- ``engine_from_network`` builds and deserializes the engine, whose I/O is checked against the
+  contract (names, modes, dtypes, static shapes) before ``save_engine`` writes it atomically as
+  ``<stage>.<precision>.plan``; the timing cache is saved after every stage (a ``None`` from
+  ``get_timing_cache`` keeps the old file);
+- every plan is recorded in ``manifest.json`` (sha256, size, TensorRT version, GPU name + compute
+  capability, build settings, polygraphy version), which is itself rewritten atomically.
+
+Builder, parser and runtime share the process's one ``trt.Logger``
+(:func:`echostream.runtime.tensorrt_backend.trt_logger`). Polygraphy's own log goes to stderr at
+WARNING and above; a failed parse or build ends with one ``ArtifactError`` line after it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -25,14 +37,20 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from echostream.contract import StageContract, stage_contract
 from echostream.errors import ArtifactError, BackendUnavailable, EchoStreamError
 from echostream.runtime.artifacts import MANIFEST, PRECISIONS, read_manifest, sha256_file
-from echostream.runtime.tensorrt_backend import (engine_key, gpu_info, import_tensorrt,
-                                                 plan_file_name)
+from echostream.runtime.tensorrt_backend import (check_engine_io, engine_key, engine_shape,
+                                                 gpu_info, import_tensorrt,
+                                                 installed_cuda_stack_problem, plan_file_name,
+                                                 set_device, trt_logger)
 
 DEFAULT_TIMING_CACHE = "tensorrt.timing_cache"
+POLYGRAPHY_MISSING = ("build-engines needs polygraphy (pip install 'echostream[gpu-cu13]' or "
+                      "'echostream[gpu-cu12]')")
 
 
 @dataclass(frozen=True)
@@ -63,74 +81,150 @@ class BuildSettings:
         return tuple((b, *shape[1:]) for b in (self.min_batch, self.opt_batch, self.max_batch))
 
 
+# ---- polygraphy ---------------------------------------------------------------------------------
+
+
+def polygraphy_api() -> SimpleNamespace:
+    """The polygraphy pieces the build uses (importing them does not import TensorRT)."""
+    try:
+        import polygraphy
+        from polygraphy.backend.trt import (CreateConfig, NetworkFromOnnxPath, PostprocessConfig,
+                                            PostprocessNetwork, Profile, engine_from_network,
+                                            save_engine)
+        from polygraphy.exception import PolygraphyException
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise BackendUnavailable(POLYGRAPHY_MISSING) from None
+    return SimpleNamespace(**locals())
+
+
+@contextlib.contextmanager
+def polygraphy_to_stderr(poly: SimpleNamespace):
+    """Polygraphy logs to stdout: during a build, its warnings and errors go to stderr instead
+    (stdout keeps only our summary lines) and its INFO chatter is dropped."""
+    with contextlib.redirect_stdout(sys.stderr), poly.G_LOGGER.verbosity(poly.G_LOGGER.WARNING):
+        yield
+
+
 # ---- building one engine ------------------------------------------------------------------------
 
 
-def strongly_typed_flags(trt) -> int:
-    """Network creation flags: STRONGLY_TYPED where the enum has it (10.x opt-in, 11.x default)."""
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    return 0 if flag is None else 1 << int(flag)
-
-
-def parser_errors(parser, onnx_path: Path) -> list[str]:
-    """One line per ONNX parser error: ``<file>: <node> (<op>): <description>``."""
-    lines = []
-    for i in range(parser.num_errors):
-        err = parser.get_error(i)
-        node = getattr(err, "node_name", lambda: "")() or f"node#{err.node()}"
-        op = getattr(err, "node_operator", lambda: "")() or "?"
-        lines.append(f"{onnx_path.name}: {node} ({op}): {err.desc()}")
-    return lines
-
-
-def build_engine(trt, logger, onnx_path: Path, settings: BuildSettings,
-                 timing_cache: bytes = b"") -> tuple[bytes, bytes]:
-    """Parse one ONNX graph and build its serialized engine.
-
-    Returns:
-        (plan bytes, updated timing cache bytes).
-    Raises:
-        ArtifactError: the parser rejects the graph (errors listed per node) or the build fails.
-    """
-    try:
-        builder = trt.Builder(logger)
-    except TypeError as exc:  # pybind11 "factory function returned nullptr": no CUDA device
-        raise BackendUnavailable(f"TensorRT cannot create a builder (no usable GPU?): {exc}") from None
-    network = builder.create_network(strongly_typed_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = parser_errors(parser, onnx_path)
-        for line in errors:
-            print(line, file=sys.stderr)
-        raise ArtifactError(f"{onnx_path}: the TensorRT ONNX parser rejected the graph "
-                            f"({len(errors)} error(s) above; `echostream lint` explains most)")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
-    config.builder_optimization_level = settings.opt_level
-    if settings.tf32:
-        config.set_flag(trt.BuilderFlag.TF32)
-    else:
-        config.clear_flag(trt.BuilderFlag.TF32)
-    cache = config.create_timing_cache(timing_cache)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    config.add_optimization_profile(_batch_profile(builder, network, onnx_path, settings))
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise ArtifactError(f"{onnx_path}: TensorRT failed to build the engine (see its log above)")
-    return bytes(plan), bytes(config.get_timing_cache().serialize())
-
-
-def _batch_profile(builder, network, onnx_path: Path, settings: BuildSettings):
-    profile = builder.create_optimization_profile()
+def check_network_inputs(network, contract: StageContract, onnx_path: Path) -> None:
+    """The parsed network's inputs == the contract's: names, only axis 0 dynamic, static dims."""
+    got = {}
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        shape = list(tensor.shape)
-        dynamic = [axis for axis, d in enumerate(shape) if d == -1]
-        if dynamic != [0]:
-            raise ArtifactError(f"{onnx_path}: input {tensor.name!r} has shape {shape}; exactly axis 0 "
-                                "(batch) must be dynamic")
-        profile.set_shape(tensor.name, *settings.profile(shape))
-    return profile
+        got[tensor.name] = [int(d) for d in tensor.shape]
+    if sorted(got) != sorted(contract.input_names):
+        raise ArtifactError(f"{onnx_path}: network inputs expected {sorted(contract.input_names)}, "
+                            f"got {sorted(got)}")
+    for spec in contract.inputs:
+        want, shape = list(engine_shape(spec)), got[spec.name]
+        if shape != want:
+            raise ArtifactError(f"{onnx_path}: input {spec.name!r} has shape {shape}; expected {want} "
+                                "(exactly axis 0, the batch, dynamic)")
+
+
+def attach_timing_cache(config, blob: bytes) -> bool:
+    """Attach ``blob`` as the build's timing cache; True when TensorRT accepted it.
+
+    ``set_timing_cache`` answers False for a cache from another TensorRT version or GPU (its
+    header does not match this device): the build then gets a fresh, empty cache instead.
+    """
+    if blob:
+        cache = config.create_timing_cache(blob)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return True
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
+        raise ArtifactError("TensorRT refused an empty timing cache")
+    return False
+
+
+def timing_cache_bytes(config) -> bytes | None:
+    """The build's timing cache to persist, or None when TensorRT has none to give."""
+    cache = config.get_timing_cache()
+    if cache is None:
+        return None
+    return bytes(cache.serialize())
+
+
+def engine_loaders(onnx_path: Path, contract: StageContract, settings: BuildSettings,
+                   timing_cache: bytes = b""):
+    """Polygraphy's loader chain for one stage engine; nothing runs until it is called.
+
+    Returns:
+        (network loader, config loader, record) where ``record.config`` and
+        ``record.cache_reused`` are filled in when the config is created during the build.
+    """
+    poly = polygraphy_api()
+    record = SimpleNamespace(config=None, cache_reused=None)
+    network = poly.PostprocessNetwork(
+        poly.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True),
+        func=lambda network: check_network_inputs(network, contract, onnx_path),
+        name="check the stage contract")
+    profile = poly.Profile()
+    for spec in contract.inputs:
+        profile.add(spec.name, *settings.profile(list(engine_shape(spec))))
+
+    def finish(builder, network, config):
+        trt = import_tensorrt()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+        record.cache_reused = attach_timing_cache(config, timing_cache)
+        record.config = config
+
+    config = poly.PostprocessConfig(
+        poly.CreateConfig(profiles=[profile], tf32=settings.tf32,
+                          builder_optimization_level=settings.opt_level), finish)
+    return network, config, record
+
+
+@dataclass
+class EngineBuild:
+    """What building one engine produced besides the plan file."""
+
+    timing_cache: bytes | None  # to persist (None: keep the old file)
+    cache_reused: bool  # False: the given cache was empty or refused, a fresh one was used
+
+
+def build_engine(onnx_path: Path, contract: StageContract, settings: BuildSettings, plan_path: Path,
+                 timing_cache: bytes = b"") -> EngineBuild:
+    """Parse one ONNX graph, build its engine and write the plan to ``plan_path`` atomically.
+
+    Raises:
+        BackendUnavailable: TensorRT / polygraphy missing, or no builder can be created.
+        ArtifactError: the parser rejects the graph, the build fails, or the engine's I/O does not
+            match the contract.
+    """
+    trt = import_tensorrt()
+    poly = polygraphy_api()
+    trt_logger(trt)  # polygraphy's builder, parser and runtime get the process logger
+    with polygraphy_to_stderr(poly):
+        network, config, record = engine_loaders(onnx_path, contract, settings, timing_cache)
+        try:
+            engine = poly.engine_from_network(network, config=config)
+        except poly.PolygraphyException as exc:
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else "see the log above"
+            raise ArtifactError(f"{onnx_path}: TensorRT could not build the engine ({why}); the log "
+                                "above says why (`echostream lint` explains most parser errors)") from None
+        except TypeError as exc:  # pybind11 "factory function returned nullptr": no CUDA device
+            raise BackendUnavailable(f"TensorRT cannot create a builder (no usable GPU?): {exc}") from None
+        check_engine_io(engine, trt, contract, onnx_path)
+        _save_engine_atomic(poly, engine, plan_path)
+    return EngineBuild(timing_cache_bytes(record.config), bool(record.cache_reused))
+
+
+def _save_engine_atomic(poly: SimpleNamespace, engine, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        poly.save_engine(engine, path=tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # ---- files and the manifest ---------------------------------------------------------------------
@@ -181,28 +275,38 @@ def build_folder(root: Path, settings: BuildSettings, stages: list[str] | None =
         the new manifest entries, keyed ``<stage>.<precision>``.
     """
     trt = import_tensorrt()
+    poly = polygraphy_api()
+    problem = installed_cuda_stack_problem()
+    if problem:
+        raise BackendUnavailable(problem)
     gpu = gpu_info(device)
+    set_device(device)  # every builder below works on the GPU recorded in the manifest
     manifest = read_manifest(root)
     stages = list(stages or manifest["stages"])
     sources = {s: stage_onnx(root, manifest, s, settings.precision) for s in stages}
+    contracts = {s: stage_contract(s, manifest["config"]) for s in stages}
     cache_path = timing_cache or root / DEFAULT_TIMING_CACHE
     cache = cache_path.read_bytes() if cache_path.is_file() else b""
-    logger = trt.Logger(trt.Logger.WARNING)
     entries = {}
     for stage in _progress(stages):
         start = time.perf_counter()
-        plan, cache = build_engine(trt, logger, sources[stage], settings, cache)
         name = plan_file_name(stage, settings.precision)
-        write_atomic(root / name, plan)
-        write_atomic(cache_path, cache)  # persist after every stage: a failed later build keeps it
+        built = build_engine(sources[stage], contracts[stage], settings, root / name, cache)
+        if cache and not built.cache_reused:
+            print(f"echostream build-engines: {cache_path}: TensorRT refused this timing cache "
+                  "(another TensorRT version or GPU); building with a fresh one", file=sys.stderr)
+        if built.timing_cache is not None:
+            cache = built.timing_cache
+            write_atomic(cache_path, cache)  # persist after every stage: a failed later build keeps it
         key = engine_key(stage, settings.precision)
         entries[key] = {
             "file": name, "stage": stage, "precision": settings.precision,
             "onnx": sources[stage].name, "onnx_sha256": sha256_file(sources[stage]),
             "sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size,
-            "tensorrt_version": trt.__version__, "gpu": gpu,
-            "build": {**asdict(settings), "strongly_typed": bool(strongly_typed_flags(trt)),
-                      "timing_cache": str(cache_path)},
+            "tensorrt_version": trt.__version__, "gpu": {**gpu, "device": device},
+            "build": {**asdict(settings), "strongly_typed": True, "timing_cache": str(cache_path),
+                      "timing_cache_reused": built.cache_reused,
+                      "builder": f"polygraphy {poly.polygraphy.__version__}"},
             "build_s": round(time.perf_counter() - start, 2),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
@@ -236,7 +340,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
                         help="allow TF32 for fp32 layers (off by default: fp32 parity)")
     parser.add_argument("--stages", nargs="+", metavar="STAGE", help="only these stages")
-    parser.add_argument("--device", type=int, default=0, help="CUDA device index")
+    parser.add_argument("--device", type=int, default=0, help="CUDA device index (built and recorded)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -244,6 +348,10 @@ def main(args: argparse.Namespace) -> int:
                              args.workspace_mb, args.opt_level, args.tf32)
     root = Path(args.dir)
     import_tensorrt()  # fail fast, in one line, before touching the folder
+    polygraphy_api()
+    problem = installed_cuda_stack_problem()
+    if problem:
+        raise BackendUnavailable(problem)
     gpu_info(args.device)
     if not root.is_dir():
         raise ArtifactError(f"artifacts folder {str(root)!r} does not exist or is not a folder")

@@ -66,6 +66,15 @@ def _usable(folder: Path) -> bool:
     return True
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _verified_hash_cache(tmp_path_factory):
+    """The runtime records verified artifact hashes outside the folders (``ECHOSTREAM_CACHE_DIR``);
+    tests keep that record in a session temp folder, not in the user's cache."""
+    if "ECHOSTREAM_CACHE_DIR" not in os.environ:
+        os.environ["ECHOSTREAM_CACHE_DIR"] = str(tmp_path_factory.mktemp("echostream-cache"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from echostream.models.config import get_preset

@@ -151,7 +151,108 @@ def test_dynamic_non_batch_axis(tmp_path):
 
 def test_opset_out_of_range(tmp_path):
     path = _save(tmp_path, [h.make_node("Identity", ["x"], ["y"], name="id")], opset=25)
-    assert _problems(path) == ["model (opset): opset 25 is outside the TensorRT 11.1 parser's range 9-24"]
+    assert _problems(path) == ["model (opset): opset 25 is outside the TensorRT 10.0 parser's range 9-20"]
+    assert [f"{v.node} ({v.op}): {v.problem}" for v in lint_model(path, min_tensorrt="11.1")] == [
+        "model (opset): opset 25 is outside the TensorRT 11.1 parser's range 9-24"]
+
+
+def test_opset_only_11_accepts(tmp_path):
+    path = _save(tmp_path, [h.make_node("Identity", ["x"], ["y"], name="id")], opset=21)
+    assert _problems(path) == ["model (opset): opset 21 is outside the TensorRT 10.0 parser's range "
+                               "9-20 (TensorRT 11.1: 9-24)"]
+    assert lint_model(path, min_tensorrt="11.1") == []
+
+
+def test_the_floor_is_the_10_0_and_10_1_matrices():
+    floor = operator_table()["floor"]
+    assert (floor["tensorrt_version"], floor["covers"]) == ("10.0", ["10.0", "10.1"])
+    assert (floor["opset_min"], floor["opset_max"]) == (9, 20)
+    assert {"STFT", "HannWindow", "HammingWindow", "BlackmanWindow"} <= set(floor["not_supported"])
+    assert floor["types"]["Pow"] == ["FP32", "FP16", "BF16"]
+    assert floor["weights_inputs"]["Slice"] == {"3": "axes"} and floor["weights_inputs"]["Pad"] == {"3": "axes"}
+    supported = operator_table()["supported"]
+    assert set(floor["not_supported"]) <= set(supported), "the floor only narrows the 11.1 matrix"
+
+
+def _floor_case(case):
+    """(nodes, extra inputs, initializers, op, problem fragment) that only TensorRT 10.0/10.1 refuse."""
+    starts, ends = _const("st", [0]), _const("en", [2])
+    cases = {
+        "slice_axes_input": ([h.make_node("Slice", ["x", "st", "en", "ax"], ["r"], name="sl")],
+                             [vi("ax", TP.INT64, [1])], [starts, ends], "Slice",
+                             "axes ('ax') must be an initializer or a Constant node for the TensorRT "
+                             "10.0 and 10.1 parsers"),
+        "slice_axes_folded": ([h.make_node("Cast", ["ax0"], ["ax"], to=TP.INT64, name="fold"),
+                               h.make_node("Slice", ["x", "st", "en", "ax"], ["r"], name="sl")],
+                              [], [starts, ends, _const("ax0", [1], np.int32)], "Slice",
+                              "axes ('ax') must be an initializer or a Constant node"),
+        "pad_axes": ([h.make_node("Pad", ["x", "pads", "", "ax"], ["r"], name="pad")],
+                     [vi("ax", TP.INT64, [1])], [_const("pads", [0, 1])], "Pad",
+                     "axes ('ax') must be an initializer or a Constant node"),
+        "squeeze_axes_folded": ([h.make_node("Cast", ["ax0"], ["ax"], to=TP.INT64, name="fold"),
+                                 h.make_node("Unsqueeze", ["x", "ax"], ["r"], name="us")],
+                                [], [_const("ax0", [0], np.int32)], "Unsqueeze",
+                                "axes ('ax') must be an initializer or a Constant node"),
+        "pow_int": ([h.make_node("Pow", ["i", "i"], ["r"], name="pw")],
+                    [vi("i", TP.INT32, [2])], [], "Pow",
+                    "input 'i' is INT32; the TensorRT 10.0 and 10.1 parsers support Pow on FP32, FP16, BF16"),
+        "stft": ([h.make_node("STFT", ["sig", "step", "win"], ["r"], name="stft")],
+                 [vi("sig", TP.FLOAT, [1, 64, 1])],
+                 [_const("step", 8), numpy_helper.from_array(np.ones(16, np.float32), "win")], "STFT",
+                 "not supported by the TensorRT 10.0 and 10.1 ONNX parsers (TensorRT 11.x only)"),
+        "hann_window": ([h.make_node("HannWindow", ["n"], ["r"], name="hann")],
+                        [], [_const("n", 16, np.int32)], "HannWindow", "TensorRT 11.x only"),
+        "constant_of_shape_int64": ([h.make_node("ConstantOfShape", ["shape"], ["r"], name="cos",
+                                                 value=numpy_helper.from_array(np.array([1], np.int64)))],
+                                    [], [_const("shape", [2, 3])], "ConstantOfShape",
+                                    "value is INT64; the TensorRT 10.0 and 10.1 parsers support "
+                                    "ConstantOfShape values of FP32"),
+    }
+    return cases[case]
+
+
+FLOOR_CASES = ["slice_axes_input", "slice_axes_folded", "pad_axes", "squeeze_axes_folded", "pow_int",
+               "stft", "hann_window", "constant_of_shape_int64"]
+
+
+@pytest.mark.parametrize("case", FLOOR_CASES)
+def test_tensorrt_10_restrictions(case, tmp_path):
+    """Graphs the 11.1 matrix accepts but the 10.0/10.1 parsers refuse: reported by default, and
+    not with --min-tensorrt 11.1."""
+    nodes, extra, inits, op, fragment = _floor_case(case)
+    nodes = list(nodes) + [h.make_node("Identity", ["x"], ["y"], name="out")]
+    path = _save(tmp_path, nodes, [vi("x", TP.FLOAT, ["B", 4, 8]), *extra], None, inits)
+    problems = _problems(path)
+    assert any(f"({op})" in p and fragment in p for p in problems), problems
+    eleven = [f"{v.node} ({v.op}): {v.problem}" for v in lint_model(path, min_tensorrt="11.1")]
+    assert not any("10.0" in p for p in eleven), eleven
+    assert len(eleven) < len(problems)
+
+
+def test_constant_axes_pass_the_floor(tmp_path):
+    """Initializers and Constant nodes are what the 10.x parsers take as weights."""
+    nodes = [h.make_node("Constant", [], ["ax"], value=numpy_helper.from_array(np.array([1], np.int64)),
+                         name="axc"),
+             h.make_node("Slice", ["x", "st", "en", "ax"], ["s"], name="sl"),
+             h.make_node("Pad", ["s", "pads", "", "pax"], ["y"], name="pad")]
+    inits = [_const("st", [0]), _const("en", [4]), _const("pads", [0, 0]), _const("pax", [2])]
+    path = _save(tmp_path, nodes, inits=inits)
+    assert lint_model(path) == []
+
+
+def test_fp8_means_e4m3_only(tmp_path):
+    """FLOAT8E4M3FN through DequantizeLinear is TensorRT's FP8; E5M2 is not a TensorRT type."""
+    def graph(elem_type, name):
+        q = numpy_helper.from_array(np.zeros((4, 8), np.uint8), "q")
+        q.data_type = elem_type  # raw 8-bit payload reinterpreted as the FP8 format
+        nodes = [h.make_node("DequantizeLinear", ["q", "scale"], ["w"], name="dq"),
+                 h.make_node("Add", ["x", "w"], ["y"], name="add")]
+        return _save(tmp_path, nodes, inits=[q, numpy_helper.from_array(np.float32(1.0), "scale")],
+                     opset=19, name=name)
+
+    assert lint_model(graph(TP.FLOAT8E4M3FN, "e4m3.onnx")) == []
+    problems = _problems(graph(TP.FLOAT8E5M2, "e5m2.onnx"))
+    assert any("FP8E5M2" in p and "E4M3" in p for p in problems), problems
 
 
 def test_contract_checks(tmp_path):

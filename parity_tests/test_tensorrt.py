@@ -3,12 +3,17 @@
 Tests that build or run engines are marked ``tensorrt`` (or ``gpu``) and skip with the reason when
 TensorRT or an NVIDIA GPU is missing; nothing here pretends to be an engine. What does run on any
 machine: ``build-engines`` failing in one line, the build settings checks, the plan-compatibility
-rule, the manifest bookkeeping, and the IOBinding state handling of the ORT backend on the CPU
-provider.
+rule, the manifest bookkeeping, the IOBinding state handling of the ORT backend on the CPU
+provider, polygraphy's ONNX Runtime runner on our graphs and its TensorRT loader chain up to the
+missing TensorRT import, and (with the stand-ins of ``trt_standins.py``, which record calls and
+compute nothing) the TensorRT backend's bookkeeping: device selection, timing-cache fallback,
+CUDA-graph capture and fallback, load-time shape checks, buffer reuse, one logger per process, and
+the verified-hash cache.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -64,12 +69,17 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+def _cli_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "echostream.cli", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **env})
+
+
 @pytest.mark.skipif(_tensorrt_missing() != "TensorRT not installed", reason="TensorRT is installed")
 def test_build_engines_without_tensorrt_fails_in_one_line(tmp_path):
     result = _cli("build-engines", str(tmp_path), "--precision", "fp16")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"echostream build-engines: error: {TENSORRT_MISSING}"]
-    assert "pip install tensorrt" in result.stderr and "Traceback" not in result.stderr
+    assert "pip install 'echostream[gpu-cu13]'" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.skipif(_tensorrt_missing() != "no NVIDIA GPU", reason="needs TensorRT without a GPU")
@@ -165,6 +175,462 @@ def test_recorded_plan_is_hash_checked_by_the_loader(tiny_artifacts_copy):
     plan.write_bytes(b"\x01" * 64)
     with pytest.raises(ArtifactError, match="sha256 expected"):
         load_artifacts(root)
+
+
+# ---- CPU: installs, drivers, the verified-hash cache ----------------------------------------------
+
+
+def test_gpu_extras_pin_one_cuda_major():
+    """Each GPU extra pairs a TensorRT wheel with cuda-python (and the CUDA runtime) of the same
+    CUDA major: ``cuda-python>=12`` alone resolves to CUDA 13 bindings beside a CUDA 12 TensorRT."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11+")
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = project["project"]["optional-dependencies"]
+    assert "gpu" not in extras, "the unpinned gpu extra mixed CUDA majors"
+    for major in (12, 13):
+        reqs = {r.name: r for r in map(Requirement, extras[f"gpu-cu{major}"])}
+        assert f"tensorrt-cu{major}" in reqs and not any(
+            n.startswith("tensorrt-cu") and n != f"tensorrt-cu{major}" for n in reqs)
+        cuda = reqs["cuda-python"].specifier
+        assert cuda.contains(f"{major}.9") and not cuda.contains(f"{major + 1}.0") \
+            and not cuda.contains(f"{major - 1}.9"), cuda
+        runtime = reqs["nvidia-cuda-runtime-cu12" if major == 12 else "nvidia-cuda-runtime"].specifier
+        assert runtime.contains(f"{major}.9") and not runtime.contains(f"{major + 1}.0")
+        assert "polygraphy" in reqs
+        assert not reqs[f"tensorrt-cu{major}"].specifier.contains("12.0")
+
+
+@pytest.mark.parametrize("trt_cuda, cuda_python, problem", [
+    (12, "12.9.4", None), (13, "13.1.0", None), (None, "13.1.0", None), (12, None, None),
+    (12, "13.0.1", "TensorRT is installed for CUDA 12 (tensorrt-cu12) but cuda-python 13.0.1 is for "
+                   "CUDA 13; one CUDA major for both: pip install 'echostream[gpu-cu12]'"),
+    (13, "12.6.2", "pip install 'echostream[gpu-cu13]'"),
+])
+def test_cuda_major_mismatch(trt_cuda, cuda_python, problem):
+    from echostream.runtime.tensorrt_backend import cuda_major_mismatch
+
+    got = cuda_major_mismatch(trt_cuda, cuda_python)
+    assert got == problem if problem is None else problem in got
+
+
+@pytest.mark.parametrize("driver, runtime, fragment", [
+    (12040, 13000, "the NVIDIA driver supports CUDA 12.4 only, older than the CUDA 13.0 of cuda-python "
+                   "13.0.1 (cudaErrorInsufficientDriver): update the driver, or use the CUDA 12 stack: "
+                   "pip install 'echostream[gpu-cu12]'"),
+    (11080, 12060, "update the driver (TensorRT 10/11 need CUDA 12 or 13)"),
+    (0, 13000, "no NVIDIA driver is installed (CUDA reports cudaErrorInsufficientDriver)"),
+])
+def test_insufficient_driver_message(driver, runtime, fragment):
+    from echostream.runtime.tensorrt_backend import insufficient_driver_message
+
+    message = insufficient_driver_message(driver, runtime, "13.0.1")
+    assert fragment in message and "\n" not in message
+
+
+def test_build_engines_insufficient_driver_in_one_line(tmp_path):
+    """cuda-python 13 on an R550 (CUDA 12.4) driver: cudaGetDeviceCount says
+    cudaErrorInsufficientDriver, and the user reads one line saying what to install."""
+    from trt_standins import write_standin_stack
+
+    env = write_standin_stack(tmp_path / "site", count=0, count_error=35, driver=12040, runtime=13000)
+    result = _cli_env(env, "build-engines", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("echostream build-engines: error: the NVIDIA driver supports CUDA 12.4 "
+                               "only, older than the CUDA 13.0")
+    assert lines[0].endswith("pip install 'echostream[gpu-cu12]'")
+
+
+def test_build_engines_sets_the_device_before_the_builder(tiny_artifacts_copy, tmp_path):
+    """--device 3: cudaSetDevice(3) comes before polygraphy creates trt.Builder, which gets the
+    process's one logger. (The stand-in Builder then fails as the real one does without a GPU.)"""
+    from trt_standins import write_standin_stack
+
+    env = write_standin_stack(tmp_path / "site", count=4)
+    result = _cli_env(env, "build-engines", str(tiny_artifacts_copy), "--device", "3",
+                      "--stages", "st_ctc")
+    calls = (tmp_path / "site" / "calls.log").read_text().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "echostream build-engines: error: TensorRT cannot create a builder (no usable GPU?)")
+    assert "Traceback" not in result.stderr
+    assert calls == ["cudaSetDevice(3)", "trt.Logger #1", "trt.Builder(logger #1)"], calls
+    assert "engines" not in json.loads((tiny_artifacts_copy / "manifest.json").read_text())
+
+
+def test_parity_without_torch_is_one_line(tiny_artifacts_dir, tmp_path):
+    """On a GPU box without PyTorch, `parity --backend tensorrt` says what is missing in one line."""
+    from test_bad_input_matrix import block_modules
+
+    env = block_modules(tmp_path / "site", "torch")
+    result = _cli_env(env, "parity", str(tiny_artifacts_dir), "--backend", "tensorrt")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "echostream parity: error: parity compares against the PyTorch reference: backend 'torch' is "
+        "unavailable (No module named 'torch'); it needs pip install 'echostream[torch]' (PyTorch)"]
+    assert result.stdout == ""
+
+
+def test_plans_are_not_rehashed_when_unchanged(tiny_artifacts_copy, monkeypatch):
+    """A plan whose size, mtime, ctime and inode match the verified-hash cache is not read again;
+    rehash=True (--verify) reads it; a changed plan is read and refused even when its mtime was put
+    back. The bytes stand in for a plan only as a file to hash."""
+    import time
+
+    from echostream.export.tensorrt_build import record_engines, write_atomic
+    from echostream.runtime import artifacts as artifacts_module
+    from echostream.runtime.artifacts import load_artifacts, sha256_file, verified_cache_path
+
+    root = tiny_artifacts_copy
+    plan = root / plan_file_name("encoder", "fp32")
+    write_atomic(plan, b"\x00" * 4096)
+    record_engines(root, {"encoder.fp32": {**ENTRY, "sha256": sha256_file(plan), "bytes": 4096}},
+                   "11.1.0.5")
+    monkeypatch.setattr(artifacts_module, "_RACY_NS", 0)  # the files here are seconds old
+    hashed = []
+    real = artifacts_module.sha256_file
+    monkeypatch.setattr(artifacts_module, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+
+    load_artifacts(root)
+    assert plan.name in hashed and verified_cache_path(root).is_file()
+    assert verified_cache_path(root).parent != root and not list(root.glob(".*"))
+    hashed.clear()
+    load_artifacts(root)
+    assert hashed == [], "unchanged files were hashed again"
+    load_artifacts(root, rehash=True)
+    assert plan.name in hashed and "encoder.onnx" in hashed
+    before = plan.stat()
+    time.sleep(0.05)
+    data = bytearray(plan.read_bytes())
+    data[100] ^= 0xFF
+    plan.write_bytes(bytes(data))
+    os.utime(plan, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime
+    hashed.clear()
+    with pytest.raises(ArtifactError, match="encoder.fp32.plan: sha256 expected"):
+        load_artifacts(root)
+    assert hashed[-1] == plan.name
+
+
+def test_translate_verify_rehashes(tiny_artifacts_copy):
+    """A cache record claiming an altered file is unchanged: the default load trusts it,
+    `translate --verify` re-hashes and refuses in one line."""
+    from echostream.runtime.artifacts import file_stamp, load_artifacts, verified_cache_path
+
+    root = tiny_artifacts_copy
+    manifest = json.loads((root / "manifest.json").read_text())
+    target = root / "st_ctc.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    stamps = {name: file_stamp(root / name, entry["sha256"]) for name, entry in manifest["files"].items()}
+    verified_cache_path(root).parent.mkdir(parents=True, exist_ok=True)
+    verified_cache_path(root).write_text(json.dumps({"root": str(root.resolve()), "files": stamps}))
+    load_artifacts(root)  # trusted: the record says unchanged
+    from test_bad_input_matrix import chirp, write_audio
+
+    audio = write_audio(root.parent / "in.wav", chirp())
+    result = _cli("translate", str(audio), "--artifacts", str(root), "--verify", "--quiet")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("echostream translate: error: ") and "st_ctc.onnx: sha256 expected" in line
+
+
+# ---- CPU: build-engines through polygraphy --------------------------------------------------------
+
+
+class _Config:
+    """A builder config stand-in: records what the timing-cache helpers do with it."""
+
+    def __init__(self, accept: bool, serialized: bytes | None = b"new cache"):
+        self.accept, self.serialized, self.attached = accept, serialized, []
+
+    def create_timing_cache(self, blob):
+        return ("cache", bytes(blob))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        assert ignore_mismatch is False
+        self.attached.append(cache)
+        return self.accept or cache == ("cache", b"")
+
+    def get_timing_cache(self):
+        if self.serialized is None:
+            return None
+        return type("Cache", (), {"serialize": lambda _: self.serialized})()
+
+
+def test_timing_cache_from_another_gpu_is_replaced_by_a_fresh_one():
+    from echostream.export.tensorrt_build import attach_timing_cache, timing_cache_bytes
+
+    foreign = _Config(accept=False)
+    assert attach_timing_cache(foreign, b"cache from an A10") is False
+    assert foreign.attached == [("cache", b"cache from an A10"), ("cache", b"")]
+    same = _Config(accept=True)
+    assert attach_timing_cache(same, b"cache from this GPU") is True
+    assert same.attached == [("cache", b"cache from this GPU")]
+    empty = _Config(accept=True)
+    assert attach_timing_cache(empty, b"") is False and empty.attached == [("cache", b"")]
+    assert timing_cache_bytes(_Config(True)) == b"new cache"
+    assert timing_cache_bytes(_Config(True, serialized=None)) is None  # keep the old file
+
+
+def test_polygraphy_loader_chain_up_to_the_tensorrt_import(tiny_artifacts):
+    """The chain is polygraphy's (strongly typed network, CreateConfig with the batch profile, TF32
+    off, our PostprocessConfig) and builds nothing until called; calling it without TensorRT is one
+    line."""
+    from echostream.export.tensorrt_build import BuildSettings, build_engine, engine_loaders
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, PostprocessConfig
+
+    contract = tiny_artifacts.contract("encoder")
+    onnx_path = tiny_artifacts.stage_path("encoder")
+    settings = BuildSettings(min_batch=1, opt_batch=2, max_batch=6, opt_level=1)
+    network, config, record = engine_loaders(onnx_path, contract, settings, b"")
+    parse = network._network
+    assert isinstance(parse, NetworkFromOnnxPath) and parse.path == str(onnx_path) and parse.strongly_typed
+    assert isinstance(config, PostprocessConfig)
+    create = config._config
+    assert isinstance(create, CreateConfig) and create.tf32 is False
+    assert create.builder_optimization_level == 1
+    (profile,) = create.profiles
+    assert list(profile) == contract.input_names
+    for spec in contract.inputs:
+        shapes = profile[spec.name]
+        assert (shapes.min, shapes.opt, shapes.max) == tuple(spec.concrete_shape(b) for b in (1, 2, 6))
+    assert record.config is None  # nothing ran
+    if _tensorrt_missing() != "TensorRT not installed":
+        pytest.skip("TensorRT is installed")
+    with pytest.raises(BackendUnavailable) as info:
+        build_engine(onnx_path, contract, settings, tiny_artifacts.root / "never.plan")
+    assert str(info.value) == TENSORRT_MISSING
+
+
+def test_polygraphy_trt_runner_without_tensorrt_is_one_line(tiny_artifacts):
+    if _tensorrt_missing() != "TensorRT not installed":
+        pytest.skip("TensorRT is installed")
+    from echostream.export.parity import trt_runner
+
+    with pytest.raises(BackendUnavailable) as info:
+        trt_runner(tiny_artifacts, "encoder")
+    assert str(info.value) == TENSORRT_MISSING
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_polygraphy_onnxrt_runner_on_our_graphs(stage, tiny_artifacts):
+    """Polygraphy's OnnxrtRunner runs each exported graph from the single-step feeds (data,
+    context and a random state as inputs) and agrees with the runtime's own ONNX Runtime stage."""
+    pytest.importorskip("torch")
+    from echostream.export.parity import _Feeds, onnxrt_runner, single_step_feeds
+    from echostream.runtime.onnxruntime_backend import OrtStage
+
+    contract = tiny_artifacts.contract(stage)
+    feeds = single_step_feeds(contract, _Feeds(tiny_artifacts.config, 7), iterations=3)
+    ours = OrtStage(tiny_artifacts.stage_path(stage), contract, deterministic=True)
+    with onnxrt_runner(tiny_artifacts, stage) as runner:
+        for feed in feeds:
+            assert sorted(feed) == sorted(contract.input_names)
+            got = runner.infer(feed)
+            data = {s.name: feed[s.name] for s in contract.data_inputs}
+            state = {s.name: feed[s.name] for s in contract.states} or None
+            context = {s.name: feed[s.name] for s in contract.context} or None
+            outputs, next_state = ours.run(data, state, context)
+            want = {**outputs, **{f"next_{k}": v for k, v in (next_state or {}).items()}}
+            assert sorted(got) == sorted(want) == sorted(contract.output_names)
+            for name, value in want.items():
+                assert got[name].dtype == value.dtype and got[name].shape == value.shape
+                np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-5)
+
+
+def test_polygraphy_rows_compare_two_runners(tiny_artifacts):
+    """The parity rows' comparator wiring, with ONNX Runtime on both sides (on a GPU box the DUT
+    side is polygraphy's TrtRunner on the plan)."""
+    pytest.importorskip("torch")
+    from echostream.export.parity import onnxrt_runner, polygraphy_rows, tolerance
+
+    rows = polygraphy_rows(tiny_artifacts, ["st_ctc", "mt_decoder"], iterations=2, seed=0,
+                           tol=tolerance("tensorrt", "fp32"),
+                           dut_runner=lambda a, s: onnxrt_runner(a, s, name=f"second {s}"),
+                           check="polygraphy single step (onnxrt vs onnxrt)")
+    assert [(r.stage, r.check) for r in rows] == [
+        ("st_ctc", "polygraphy single step (onnxrt vs onnxrt)"),
+        ("mt_decoder", "polygraphy single step (onnxrt vs onnxrt)")]
+    assert all(r.passed and r.max_abs == 0.0 for r in rows), rows
+
+
+# ---- CPU: TensorRT backend bookkeeping with stand-ins (they record calls, compute nothing) ---------
+
+
+
+def _toy_contract():
+    from echostream.contract import StageContract, TensorSpec
+
+    return StageContract("toy", (TensorSpec("x", ("B", 4)),), (TensorSpec("y", ("B", 2)),),
+                         states=(TensorSpec("cache", ("B", 3, 4)), TensorSpec("count", ("B",), "int32")))
+
+
+@pytest.fixture
+def standin(monkeypatch, tmp_path):
+    """A factory of TrtStages on stand-in TensorRT / cuda-python (installed into the backend);
+    ``standin.loggers`` / ``standin.runtime_loggers`` are shared by every stage of the test, as
+    one process's would be."""
+    from echostream.runtime import tensorrt_backend as backend
+    from trt_standins import StandinCudart, StandinTensorRT
+
+    loggers, runtime_loggers = [], []
+
+    def stage(contract=None, *, cudart=None, shapes=None, capture_enqueue_ok=True, **options):
+        contract = contract or _toy_contract()
+        cudart = cudart or StandinCudart(device_count=4)
+        trt = StandinTensorRT(contract, cudart, shapes=shapes, capture_enqueue_ok=capture_enqueue_ok)
+        trt.loggers, trt.runtime_loggers = loggers, runtime_loggers
+        monkeypatch.setattr(backend, "import_tensorrt", lambda: trt)
+        monkeypatch.setattr(backend, "import_cudart", lambda: cudart)
+        monkeypatch.setattr(backend, "installed_cuda_stack_problem", lambda: None)
+        plan = tmp_path / "toy.plan"
+        plan.write_bytes(b"stand-in plan: only read, never run")
+        return backend.TrtStage(plan, contract, **options), cudart
+
+    monkeypatch.setattr(backend, "_LOGGER", None)
+    stage.loggers, stage.runtime_loggers = loggers, runtime_loggers
+    return stage
+
+
+def _toy_step(stage, state, batch=1):
+    return stage.run({"x": np.ones((batch, 4), np.float32)}, state)
+
+
+def test_device_is_set_before_the_plan_is_deserialized(standin):
+    stage, cudart = standin(device=2)
+    names = [e[0] for e in cudart.events]
+    assert ("cudaSetDevice", 2) in cudart.events
+    assert names.index("cudaSetDevice") < names.index("deserialize_cuda_engine")
+
+
+@pytest.mark.parametrize("shapes, message", [
+    ({"x": [-1, 5]}, "'x' shape expected [-1, 4] (-1 = batch), got [-1, 5]"),
+    ({"cache": [2, 3, 4]}, "'cache' shape expected [-1, 3, 4] (-1 = batch), got [2, 3, 4]"),
+    ({"next_count": [-1, 1]}, "'next_count' shape expected [-1] (-1 = batch), got [-1, 1]"),
+])
+def test_engine_static_shapes_are_checked_at_load(standin, shapes, message):
+    with pytest.raises(ArtifactError) as info:
+        standin(shapes=shapes)
+    assert str(info.value).endswith(message)
+
+
+def test_cuda_graph_captured_after_a_synchronised_plain_enqueue(standin):
+    stage, cudart = standin(cuda_graphs=True)
+    state = stage.initial_state(1)
+    graph_events = lambda: [e for e in cudart.events if e[0].startswith(("execute", "cudaStream", "cudaGraph"))]  # noqa: E731
+    for _ in range(2):  # ping-pong: two address sets, each captured once
+        cudart.events.clear()
+        _, state = _toy_step(stage, state)
+        assert [e[:2] if e[0] == "execute_async_v3" else e[:1] for e in graph_events()] == [
+            ("execute_async_v3", "plain"), ("cudaStreamSynchronize",), ("cudaStreamBeginCapture",),
+            ("execute_async_v3", "capturing"), ("cudaStreamEndCapture",), ("cudaGraphInstantiate",),
+            ("cudaGraphDestroy",), ("cudaStreamSynchronize",)]
+    for _ in range(3):  # replays, no enqueue
+        cudart.events.clear()
+        _, state = _toy_step(stage, state)
+        assert [e[0] for e in graph_events()] == ["cudaGraphLaunch", "cudaStreamSynchronize"]
+    assert stage.cuda_graphs and stage.cuda_graphs_disabled is None
+
+
+@pytest.mark.parametrize("case", ["enqueue refused while capturing", "capture invalidated",
+                                  "instantiate refused"])
+def test_failed_capture_destroys_the_graph_and_falls_back(standin, case):
+    from trt_standins import StandinCudart
+
+    if case == "enqueue refused while capturing":
+        cudart, options = StandinCudart(end_capture=(0, 4242)), {"capture_enqueue_ok": False}
+    elif case == "capture invalidated":
+        cudart, options = StandinCudart(end_capture=(901, None)), {}
+    else:
+        cudart, options = StandinCudart(end_capture=(0, 4242), instantiate_error=1), {}
+    stage, _ = standin(cuda_graphs=True, cudart=cudart, **options)
+    state = stage.initial_state(1)
+    outputs, state = _toy_step(stage, state)  # no exception: the plain enqueue already ran
+    assert outputs["y"].shape == (1, 2)
+    names = [e[0] for e in cudart.events]
+    destroyed = [e for e in cudart.events if e[0] == "cudaGraphDestroy"]
+    assert destroyed == ([] if case == "capture invalidated" else [("cudaGraphDestroy", 4242)])
+    assert "cudaGetLastError" in names and "cudaGraphLaunch" not in names
+    assert stage.cuda_graphs is False and stage.cuda_graphs_disabled
+    cudart.events.clear()
+    for _ in range(2):
+        _, state = _toy_step(stage, state)
+    names = [e[0] for e in cudart.events]
+    assert names.count("execute_async_v3") == 2 and "cudaStreamBeginCapture" not in names
+
+
+def test_staging_buffers_are_pinned_and_reused_when_the_batch_alternates(standin):
+    stage, cudart = standin()
+    states = {1: stage.initial_state(1), 2: stage.initial_state(2)}
+    bound = {}
+    for step in range(6):
+        batch = 1 + step % 2
+        if step == 2:
+            cudart.events.clear()
+        _, states[batch] = _toy_step(stage, states[batch], batch)
+        bound.setdefault(batch, set()).add(stage.context.addresses["x"])
+    assert not [e for e in cudart.events if e[0] in ("cudaMalloc", "cudaMallocHost")], \
+        "alternating batch sizes reallocated staging buffers"
+    assert all(len(ptrs) == 1 for ptrs in bound.values()) and bound[1] != bound[2]
+    copies = [e for e in cudart.events if e[0] == "cudaMemcpyAsync"]
+    h2d = [e for e in copies if e[4] == cudart.cudaMemcpyKind.cudaMemcpyHostToDevice]
+    d2h = [e for e in copies if e[4] == cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost]
+    assert len(h2d) == len(d2h) == 4
+    assert all(e[2] in cudart.pinned for e in h2d) and all(e[1] in cudart.pinned for e in d2h), \
+        "per-step copies must go through pinned host memory"
+
+
+def test_state_snapshots_come_from_a_pool(standin):
+    stage, cudart = standin()
+    state = stage.initial_state(1)
+    snapshot = stage.copy_state(state)
+    pointers = {b.ptr for b in list(snapshot.current.values()) + list(snapshot.spare.values())}
+    mallocs = sum(e[0] == "cudaMalloc" for e in cudart.events)
+    del snapshot  # the MT policy drops the previous token's snapshot
+    again = stage.copy_state(state)
+    assert sum(e[0] == "cudaMalloc" for e in cudart.events) == mallocs, "a snapshot was cudaMalloc-ed"
+    assert {b.ptr for b in list(again.current.values()) + list(again.spare.values())} == pointers
+    copies = [e for e in cudart.events if e[0] == "cudaMemcpyAsync"
+              and e[4] == cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice]
+    assert len(copies) == 2 * 2  # two snapshots x two state tensors (current only)
+    unpooled, cudart2 = standin(pool_mb=0)
+    state = unpooled.initial_state(1)
+    del state
+    before = sum(e[0] == "cudaMalloc" for e in cudart2.events)
+    unpooled.initial_state(1)
+    assert sum(e[0] == "cudaMalloc" for e in cudart2.events) == before + 4  # limit 0: nothing kept
+
+
+def test_one_trt_logger_per_process(standin, monkeypatch):
+    """Every TrtStage's runtime and polygraphy's TensorRT loaders share one trt.Logger."""
+    import polygraphy.backend.trt.util as poly_trt_util
+
+    from echostream.runtime.tensorrt_backend import trt_logger
+
+    monkeypatch.setattr(poly_trt_util, "TRT_LOGGER", None)
+    first, _ = standin()
+    second, _ = standin()
+    assert len(standin.loggers) == 1
+    assert standin.runtime_loggers == [standin.loggers[0]] * 2
+    assert poly_trt_util.TRT_LOGGER is standin.loggers[0]
+    assert trt_logger() is standin.loggers[0]
+
+
+def test_polygraphy_logger_is_adopted_when_it_came_first(monkeypatch):
+    import polygraphy.backend.trt.util as poly_trt_util
+
+    from echostream.runtime import tensorrt_backend as backend
+
+    theirs = object()
+    monkeypatch.setattr(backend, "_LOGGER", None)
+    monkeypatch.setattr(poly_trt_util, "TRT_LOGGER", theirs)
+    assert backend.trt_logger(trt=object()) is theirs  # no new trt.Logger is made
 
 
 # ---- CPU: the IOBinding state path of the ORT CUDA backend ----------------------------------------
@@ -381,3 +847,29 @@ def test_tensorrt_refuses_a_plan_recorded_for_another_gpu(engines):
     entry["gpu"] = {"name": "Some Other GPU", "compute_capability": "7.5"}
     with pytest.raises(ArtifactError, match="plan was built for GPU Some Other GPU"):
         TrtStage(artifacts.root / entry["file"], artifacts.contract("encoder"), entry=entry)
+
+
+@pytest.mark.tensorrt
+@needs_tensorrt
+def test_build_records_device_builder_and_timing_cache_reuse(engines):
+    """The manifest says which device built each plan, that polygraphy built it, and whether the
+    timing cache was reused: the first stage starts from an empty cache, later builds reuse it."""
+    entries = engines["fp16"].manifest["engines"]
+    first = entries[f"{engines['fp32'].stages[0]}.fp32"]
+    assert first["gpu"]["device"] == 0 and first["build"]["builder"].startswith("polygraphy ")
+    assert first["build"]["timing_cache_reused"] is False
+    assert all(e["build"]["timing_cache_reused"] for k, e in entries.items() if k.endswith(".fp16"))
+
+
+@pytest.mark.tensorrt
+@needs_tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_parity_on_tensorrt_has_polygraphy_rows(precision, engines):
+    """`parity --backend tensorrt`: our chained rows plus one polygraphy single-step row per stage
+    (TrtRunner on the plan vs OnnxrtRunner on the graph), all within the tolerance."""
+    pytest.importorskip("torch")
+    from echostream.export.parity import POLYGRAPHY_CHECK, run_parity
+
+    rows = run_parity(engines[precision], "tensorrt", steps=3, stages=["st_ctc", "mt_decoder", "vocoder"])
+    assert [r.stage for r in rows if r.check == POLYGRAPHY_CHECK] == ["st_ctc", "mt_decoder", "vocoder"]
+    assert all(r.passed for r in rows), [(r.stage, r.check, r.max_abs, r.cosine) for r in rows]

@@ -5,7 +5,9 @@ The folder is written by ``echostream export`` (``echostream.export.commands``) 
 every file. Loading refuses anything that does not match (DESIGN §7):
 
 - the folder, the manifest, its format name and ``format_version``;
-- every listed file exists and has the recorded size and sha256;
+- every listed file exists and has the recorded size and sha256 (a file whose size, mtime, ctime and
+  inode are those it had when its sha256 last matched is not re-read: see :func:`verified_cache_path`;
+  ``rehash=True`` / ``--verify`` re-reads everything);
 - every stage's contract in the manifest == the contract rebuilt from the config by
   :mod:`echostream.contract` (so a runtime never trusts names/shapes it did not derive itself);
 - the graph's own I/O == the contract (checked by a backend when it loads the stage, with
@@ -18,6 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -120,14 +125,18 @@ class Artifacts:
 # ---- loading ----------------------------------------------------------------------------------
 
 
-def load_artifacts(path: str | Path, precision: str = "fp32", verify_hashes: bool = True) -> Artifacts:
+def load_artifacts(path: str | Path, precision: str = "fp32", verify_hashes: bool = True,
+                   rehash: bool = False) -> Artifacts:
     """Open and verify an artifacts folder.
 
     Args:
         path: the folder written by ``echostream export``.
         precision: which stage graphs to select: ``"fp32"`` or ``"fp16"``.
-        verify_hashes: recompute every file's sha256 (on by default; off only for benchmarks that
-            reload the same folder many times).
+        verify_hashes: check every file's sha256 (on by default; off only for benchmarks that
+            reload the same folder many times). A file unchanged since its hash last matched (same
+            size, mtime, ctime and inode, recorded in the verified-hash cache) is not re-read, so
+            hundreds of MB of plans are not hashed again on every load.
+        rehash: ignore the verified-hash cache and re-read every file (``--verify``).
     Raises:
         ArtifactError: naming the file/tensor, expected vs got.
     """
@@ -137,7 +146,7 @@ def load_artifacts(path: str | Path, precision: str = "fp32", verify_hashes: boo
     if not root.is_dir():
         raise ArtifactError(f"artifacts folder {str(root)!r} does not exist or is not a folder")
     manifest = read_manifest(root)
-    _check_files(root, manifest, verify_hashes)
+    _check_files(root, manifest, verify_hashes, rehash)
     config = manifest["config"]
     contracts, stage_files = {}, {}
     for stage, entry in manifest["stages"].items():
@@ -181,7 +190,57 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_files(root: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> None:
+# A file modified within this long of being hashed is not recorded as verified: file timestamps are
+# coarse (a few ms), so a change right after the hash could keep the recorded mtime/ctime.
+_RACY_NS = 2_000_000_000
+
+
+def verified_cache_path(root: Path) -> Path:
+    """Where the verified hashes of an artifacts folder are recorded (outside the folder, which may
+    be read-only): ``$ECHOSTREAM_CACHE_DIR`` or ``$XDG_CACHE_HOME/echostream`` or
+    ``~/.cache/echostream``, then ``verified/<hash of the folder's absolute path>.json``."""
+    base = os.environ.get("ECHOSTREAM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "echostream")
+    key = hashlib.sha256(str(Path(root).resolve()).encode("utf-8")).hexdigest()[:24]
+    return Path(base) / "verified" / f"{key}.json"
+
+
+def file_stamp(path: Path, sha256: str) -> dict[str, Any]:
+    """What must be unchanged for a verified file not to be re-read."""
+    st = path.stat()
+    return {"sha256": sha256, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
+def _read_verified(root: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(verified_cache_path(root).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("root") != str(root.resolve()):
+        return {}
+    files = data.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def _write_verified(root: Path, files: dict[str, Any]) -> None:
+    """Best effort, atomic: a cache that cannot be written only costs re-hashing next time."""
+    path = verified_cache_path(root)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"root": str(root.resolve()), "files": files}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _check_files(root: Path, manifest: Mapping[str, Any], verify_hashes: bool,
+                 rehash: bool = False) -> None:
+    cached = {} if rehash or not verify_hashes else _read_verified(root)
+    verified: dict[str, Any] = {}
+    now = time.time_ns()
     for name, entry in manifest["files"].items():
         path = root / name
         if not path.is_file():
@@ -189,12 +248,21 @@ def _check_files(root: Path, manifest: Mapping[str, Any], verify_hashes: bool) -
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise ArtifactError(f"{path}: size expected {entry['bytes']} bytes, got {size}")
-        if verify_hashes:
-            digest = sha256_file(path)
-            if digest != entry["sha256"]:
-                raise ArtifactError(
-                    f"{path}: sha256 expected {entry['sha256']}, got {digest} (file changed after export)"
-                )
+        if not verify_hashes:
+            continue
+        stamp = file_stamp(path, entry["sha256"])
+        if cached.get(name) == stamp:
+            verified[name] = stamp
+            continue
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise ArtifactError(
+                f"{path}: sha256 expected {entry['sha256']}, got {digest} (file changed after export)"
+            )
+        if now - max(stamp["mtime_ns"], stamp["ctime_ns"]) > _RACY_NS:
+            verified[name] = stamp
+    if verify_hashes and verified != cached:
+        _write_verified(root, verified)
     for stage, entry in manifest["stages"].items():
         for precision, name in entry.get("files", {}).items():
             if name not in manifest["files"]:

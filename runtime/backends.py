@@ -20,7 +20,9 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "onnxruntime": ("echostream.runtime.onnxruntime_backend", "pip install onnxruntime (or onnxruntime-gpu)"),
     "onnxruntime-cuda": ("echostream.runtime.ort_cuda_backend",
                          "pip install onnxruntime-gpu (alone, not beside onnxruntime) and an NVIDIA GPU"),
-    "tensorrt": ("echostream.runtime.tensorrt_backend", "an NVIDIA GPU, TensorRT and cuda-python"),
+    "tensorrt": ("echostream.runtime.tensorrt_backend",
+                 "an NVIDIA GPU and pip install 'echostream[gpu-cu13]' (or gpu-cu12: TensorRT and "
+                 "cuda-python of one CUDA major)"),
     "torch": ("echostream.export.torch_backend", "pip install 'echostream[torch]' (PyTorch)"),
 }
 

@@ -55,6 +55,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(SimulEval's output timeline) instead of joining the chunks")
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     parser.add_argument("--quiet", action="store_true", help="print only the final summary")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-hash every artifact file (by default a file unchanged since its "
+                             "sha256 last matched is not re-read)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -222,7 +225,7 @@ def _load_translator(args: argparse.Namespace):
 
     options = {} if args.threads is None else {"threads": args.threads}
     return Translator.from_artifacts(args.artifacts, backend=args.backend, segment_ms=args.segment_ms,
-                                     precision=args.precision, **options)
+                                     precision=args.precision, rehash=args.verify, **options)
 
 
 # ---- printing -----------------------------------------------------------------------------------

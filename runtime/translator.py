@@ -168,14 +168,15 @@ class Translator:
     @classmethod
     def from_artifacts(cls, path: str | Path, backend: str = "onnxruntime", segment_ms: int = 320,
                        precision: str = "fp32", policy: PolicyConfig | None = None,
-                       **backend_opts: Any) -> "Translator":
+                       rehash: bool = False, **backend_opts: Any) -> "Translator":
         """Load an exported artifacts folder on ``backend`` ("onnxruntime", "tensorrt", "torch").
 
-        ``backend_opts`` go to the backend (e.g. ``threads``, ``device``, ``deterministic``).
+        ``rehash`` re-reads every file's sha256 (see ``load_artifacts``); ``backend_opts`` go to
+        the backend (e.g. ``threads``, ``device``, ``deterministic``).
         """
         from echostream.runtime.artifacts import load_artifacts
 
-        artifacts = load_artifacts(path, precision)
+        artifacts = load_artifacts(path, precision, rehash=rehash)
         steps_per_segment(artifacts.config, segment_ms)  # refuse before loading any graph
         return cls.from_loaded(artifacts, backend, segment_ms, policy, **backend_opts)
 
