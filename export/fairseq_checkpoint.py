@@ -319,6 +319,10 @@ class TorchZipReader:
         if self._zip is not None:
             self._zip.close()
             self._zip = None
+        self.release()
+
+    def release(self) -> None:
+        """Forget the storages read so far (a tensor already returned keeps its storage alive)."""
         self._cache.clear()
 
     def _fail(self, what: str) -> CheckpointError:

@@ -190,7 +190,7 @@ def shape_fields(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[Any, str
 
 def _fail_field(path: Path, name: str, want: Any, why: str, got: Any, where: str = "") -> CheckpointError:
     where = f" ({where})" if where else ""
-    return CheckpointError(f"{path}: {name} expected {want!r} ({why}), got {got!r}{where}")
+    return CheckpointError(f"{path}: field {name} expected {want!r} ({why}), got {got!r}{where}")
 
 
 def check_fixed_args(args: dict[str, Any], path: Path) -> None:
@@ -215,7 +215,7 @@ def check_shape_fields(args: dict[str, Any], shapes: dict[str, tuple[int, ...]],
         if name == "conv_kernel_sizes":
             want = str(want).replace(" ", "")
         if want != got:
-            raise CheckpointError(f"{path}: {name} expected {want!r} (model args), got {got!r} "
+            raise CheckpointError(f"{path}: field {name} expected {want!r} (model args), got {got!r} "
                                   f"(state dict {where})")
     st_layers = layer_count(shapes, "ctc_target_unigram_decoder.layers.")
     if st_layers:
@@ -262,9 +262,14 @@ def derive_config(ckpt: FairseqCheckpoint, shapes: dict[str, tuple[int, ...]], d
     mt_ffn = shapes.get("target_unigram_decoder.layers.0.fc1.weight", (None,))[0]
     want_ffn = data.mt_decoder_args.get("decoder_ffn_embed_dim", 2048)
     if mt_ffn is not None and mt_ffn != want_ffn:
-        raise CheckpointError(f"{data.multitask_yaml}: target_unigram.decoder_args.decoder_ffn_embed_dim "
-                              f"expected {want_ffn}, got {mt_ffn} (state dict "
+        raise CheckpointError(f"{data.multitask_yaml}: field target_unigram.decoder_args."
+                              f"decoder_ffn_embed_dim expected {want_ffn}, got {mt_ffn} (state dict "
                               "target_unigram_decoder.layers.0.fc1.weight)")
+    st_layers = data.st_decoder_args.get("encoder_layers", 0)
+    if st_layers:  # the yaml builds a transformer ST CTC head; the state dict has a linear one
+        raise CheckpointError(f"{data.multitask_yaml}: field ctc_target_unigram.decoder_args."
+                              f"encoder_layers expected 0 (a linear ST CTC head, as the state dict "
+                              f"holds), got {st_layers}")
     _check_units(ckpt, sizes["units"])
     return _build_config(args, sizes, mt_ffn or want_ffn, vocoder_cfg)
 
@@ -336,14 +341,14 @@ def plan_mapping(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
             continue
         ours = to_echostream_key(key)
         if ours is None or ours not in expected:
-            unexpected.append(key)
+            unexpected.append(f"{key} (shape {list(shape)}, expected no such key)")
             continue
         seen.add(ours)
         if tuple(shape) != expected[ours]:
             misshaped.append(f"{key} (shape expected {list(expected[ours])}, got {list(shape)})")
         else:
             mapping[ours] = key
-    missing = [f"{to_streamspeech_key(k)} (expected shape {list(v)})"
+    missing = [f"{to_streamspeech_key(k)} (expected shape {list(v)}, got no such key)"
                for k, v in expected.items() if k not in seen]
     problems = [_listing(kind, sorted(items)) for kind, items in
                 (("missing key", missing), ("unexpected key", unexpected), ("misshaped key", misshaped))
@@ -532,15 +537,21 @@ def _provenance(ckpt: FairseqCheckpoint, data: DataFolder, voc: VocoderSource, e
 
 
 def _fill(tmp: Path, model, cfg: EchoStreamConfig, data: DataFolder, record: dict[str, Any]) -> None:
-    from echostream.models.weights import load_checkpoint, save_checkpoint
+    from echostream.models.weights import check_weights, read_weights, save_checkpoint
 
-    save_checkpoint(model, cfg, tmp)
+    weights = save_checkpoint(model, cfg, tmp)
     record["data"]["files"] = _copy_data_files(tmp, data)
     (tmp / IMPORT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    # Read back what `echostream export --checkpoint` will read (without building a second model).
     try:
-        load_checkpoint(tmp)  # what `echostream export --checkpoint` will do must work
-    except ValueError as exc:
-        raise CheckpointError(f"written checkpoint does not load back: {exc}") from None
+        reread = EchoStreamConfig.load(tmp / "config.json")
+        tensors = read_weights(weights)
+        check_weights(model, tensors, source=f"weights in {weights}")
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"written checkpoint does not read back: {exc}") from None
+    state = model.state_dict()
+    if reread != cfg or any(not torch.equal(state[k], v) for k, v in tensors.items()):
+        raise CheckpointError(f"written checkpoint {tmp} does not read back equal")
 
 
 def _build(cfg: EchoStreamConfig, tensors: dict[str, torch.Tensor]):
@@ -595,7 +606,9 @@ def _convert(reader, ckpt, shapes, folder, voc, out, force, progress, log, start
         tensors.update(materialise_vocoder(vocoder_plan, voc.reader))
     else:
         log(SEEDED_VOCODER_NOTICE)
+    reader.release()  # the source bytes are not needed any more
     model = _build(cfg, tensors)
+    del tensors
     record = _provenance(ckpt, folder, voc, extras, cfg)
     write_folder(out, force, lambda tmp: _fill(tmp, model, cfg, folder, record))
     n_voc = sum(p.numel() for p in model.vocoder.parameters())

@@ -163,6 +163,7 @@ def check_vocoder_dims(state: dict[str, TensorRef], vcfg: VocoderConfig, source:
                 return state[k].shape[dim], k
         return None, None
 
+    # (field, the config's value, the weights' value, where in the weights)
     checks = [("num_embeddings", vcfg.num_units, *shape("dict", 0)),
               ("embedding_dim", vcfg.embedding_dim, *shape("dict", 1)),
               ("upsample_initial_channel", vcfg.upsample_initial_channel, *shape("conv_pre", 0)),
@@ -171,10 +172,10 @@ def check_vocoder_dims(state: dict[str, TensorRef], vcfg: VocoderConfig, source:
     blocks = len(vcfg.upsample_rates) * len(vcfg.resblock_kernel_sizes)
     checks.append(("len(upsample_rates) x len(resblock_kernel_sizes)", blocks,
                    _layer_count(state, "resblocks."), "resblocks.*"))
-    for field, want, got, where in checks:
-        if got is not None and got != want:
-            raise CheckpointError(f"{config}: field {field} expected {want} (weights {source}: "
-                                  f"{where}), got {got} in the config")
+    for name, in_config, in_weights, where in checks:
+        if in_weights is not None and in_weights != in_config:
+            raise CheckpointError(f"{config}: field {name} expected {in_weights} (weights {source}: "
+                                  f"{where}), got {in_config}")
 
 
 def plan_vocoder(state: dict[str, TensorRef], expected: dict[str, tuple[int, ...]],

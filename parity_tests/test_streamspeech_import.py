@@ -46,6 +46,8 @@ from echostream.models.weights import build_model, load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "streamspeech"
 FR_EN = SHARED / "configs" / "fr-en"
+pytestmark = pytest.mark.filterwarnings(  # the test writes weight norm the way fairseq did
+    "ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 needs_data = pytest.mark.skipif(not FR_EN.is_dir(), reason=f"StreamSpeech data folder {FR_EN} absent")
 
 # ---- StreamSpeech's names (written from its code, not from the importer) ------------------------
@@ -348,3 +350,473 @@ def test_runtime_text_is_the_sentencepiece_detokenisation(imported):
         for sentence in (SHARED / "example" / text_file).read_text().splitlines():
             ids = sp.encode(sentence)
             assert vocab.decode(ids) == sp.decode(ids) == sentence, sentence
+
+
+# ---- bad input: one line naming the file / key / field, expected and got; exit 2; nothing written --
+
+
+ERROR = "echostream import: error: "
+
+
+def refused(capsys, argv: list[str], out: Path, *fragments: str) -> str:
+    """Run the CLI; assert exit 2, one stderr line with every fragment, no output left behind."""
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith(ERROR), err
+    for fragment in fragments:
+        assert fragment in err[0], (fragment, err[0])
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return err[0]
+
+
+def import_argv(ckpt: Path, files, out: Path, data: Path | None = None, vocoder: bool = True) -> list[str]:
+    argv = ["import", "streamspeech", str(ckpt), "--data", str(data or files["data"]), "--out", str(out),
+            "--quiet"]
+    if vocoder:
+        argv += ["--vocoder", str(files["vocoder"]), "--vocoder-config", str(files["vocoder_config"])]
+    return argv
+
+
+def write_variant(path: Path, model, *, edit=None, form: str = "dict", **arg_overrides) -> Path:
+    """A synthetic checkpoint with its state dict edited (``edit(state)``) or its args changed."""
+    state = streamspeech_state(model)
+    if edit is not None:
+        edit(state)
+    torch.save(fairseq_checkpoint(state, model_args(model.cfg, **arg_overrides), form), path)
+    return path
+
+
+@needs_data
+def test_refuses_a_file_that_is_not_a_fairseq_checkpoint(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    refused(capsys, import_argv(text, files, out), out, str(text), "not a zip archive")
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": {"a": torch.ones(2)}}, plain)
+    refused(capsys, import_argv(plain, files, out), out, str(plain), "no 'model' state dict")
+    bare = tmp_path / "bare.pt"
+    torch.save({"model": {"a": torch.ones(2)}}, bare)
+    refused(capsys, import_argv(bare, files, out), out, str(bare), "no 'cfg' or 'args'")
+
+
+@needs_data
+def test_refuses_a_truncated_or_corrupt_checkpoint(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    data = files["args"].read_bytes()
+    cut = tmp_path / "truncated.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    refused(capsys, import_argv(cut, files, out), out, str(cut), "truncated")
+    # One flipped byte inside a stored tensor: the zip's CRC catches it when that tensor is read.
+    import zipfile
+
+    with zipfile.ZipFile(files["args"]) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)  # the largest storage record
+    offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 100
+    flipped = bytearray(data)
+    flipped[offset] ^= 0xFF
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(bytes(flipped))
+    refused(capsys, import_argv(bad, files, out), out, str(bad), "corrupt", info.filename)
+
+
+class _SystemPayload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _EvalPayload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import builtins
+
+        return builtins.eval, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@needs_data
+@pytest.mark.parametrize("payload, name", [(_SystemPayload, f"{os.system.__module__}.system"),
+                                           (_EvalPayload, "builtins.eval")])
+def test_refuses_a_pickle_that_would_run_code(payload, name, files, source_model, tmp_path, capsys):
+    """The pickle asks for os.system / builtins.eval: refused by name, and the payload never runs
+    (its marker file is not created). The same file through plain pickle does create it."""
+    marker = tmp_path / "payload-ran"
+    top = fairseq_checkpoint(streamspeech_state(source_model), model_args(source_model.cfg), "dict")
+    top["extra_state"]["hook"] = payload(marker)
+    evil = tmp_path / "evil.pt"
+    torch.save(top, evil)
+    out = tmp_path / "out"
+    refused(capsys, import_argv(evil, files, out), out, str(evil), f"refusing to load {name}")
+    assert not marker.exists()
+    # The payload is real: an unrestricted unpickler runs it (in a separate interpreter).
+    subprocess.run([sys.executable, "-c", "import sys, torch; torch.load(sys.argv[1], weights_only=False)",
+                    str(evil)], check=False, capture_output=True, timeout=120)
+    assert marker.exists()
+
+
+@needs_data
+def test_refuses_a_missing_key(files, source_model, tmp_path, capsys):
+    key = "encoder.conformer_layers.1.conv_module.batch_norm.running_var"
+    ckpt = write_variant(tmp_path / "missing.pt", source_model, edit=lambda s: s.pop(key))
+    out = tmp_path / "out"
+    refused(capsys, import_argv(ckpt, files, out), out, str(ckpt), f"missing key {key}",
+            "expected shape [32]")
+
+
+@needs_data
+def test_refuses_a_misshaped_key(files, source_model, tmp_path, capsys):
+    key = "decoder.layers.1.fc2.weight"
+    ckpt = write_variant(tmp_path / "misshaped.pt", source_model,
+                         edit=lambda s: s.__setitem__(key, torch.zeros(32, 63)))
+    out = tmp_path / "out"
+    refused(capsys, import_argv(ckpt, files, out), out, str(ckpt), f"misshaped key {key}",
+            "expected [32, 64], got [32, 63]")
+
+
+@needs_data
+def test_refuses_an_unexpected_key(files, source_model, tmp_path, capsys):
+    ckpt = write_variant(tmp_path / "extra.pt", source_model,
+                         edit=lambda s: s.__setitem__("encoder.spk_emb_proj.weight", torch.zeros(32, 64)))
+    out = tmp_path / "out"
+    refused(capsys, import_argv(ckpt, files, out), out, str(ckpt), "unexpected key encoder.spk_emb_proj.weight")
+
+
+@needs_data
+def test_refuses_an_untied_alias(files, source_model, tmp_path, capsys):
+    alias = "decoder.embed_tokens.weight"
+    ckpt = write_variant(tmp_path / "untied.pt", source_model,
+                         edit=lambda s: s.__setitem__(alias, torch.randn(s[alias].shape)))
+    out = tmp_path / "out"
+    refused(capsys, import_argv(ckpt, files, out), out, str(ckpt), f"tied alias {alias}",
+            "decoder.output_projection.weight", "different values")
+
+
+@needs_data
+def test_refuses_dictionaries_that_do_not_fit_the_output_layer(files, source_model, tmp_path, capsys):
+    data = tmp_path / "fr-en"
+    shutil.copytree(files["data"], data)
+    src = data / "src_unigram6000" / "spm_unigram_fr.txt"
+    src.write_text("\n".join(src.read_text(encoding="utf-8").splitlines()[:-100]) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    refused(capsys, import_argv(files["args"], files, out, data=data), out, str(src),
+            "dictionary size expected 6000", "source_unigram_decoder.proj.weight", "got 5900")
+
+
+@needs_data
+@pytest.mark.parametrize("override, fragments", [
+    ({"encoder_layers": 3}, ["field encoder_layers expected 3 (model args), got 2", "encoder.conformer_layers.*"]),
+    ({"decoder_embed_dim": 48}, ["field decoder_embed_dim expected 48 (model args), got 32"]),
+    ({"uni_encoder": False}, ["field uni_encoder expected True", "got False"]),
+    ({"chunk_size": 999999}, ["field chunk_size expected '1..998'", "got 999999"]),
+    ({"conv_version": "convtransformer"}, ["field conv_version expected 's2t_transformer'", "got 'convtransformer'"]),
+])
+def test_refuses_an_architecture_field_mismatch(override, fragments, files, source_model, tmp_path, capsys):
+    ckpt = write_variant(tmp_path / "arch.pt", source_model, form="omegaconf", **override)
+    out = tmp_path / "out"
+    refused(capsys, import_argv(ckpt, files, out), out, str(ckpt), *fragments)
+
+
+@needs_data
+def test_refuses_a_data_folder_built_for_other_dims(files, tmp_path, capsys):
+    """The real fr-en folder's multitask yaml builds a 2048-wide MT FFN; the tiny model has 64."""
+    out = tmp_path / "out"
+    refused(capsys, import_argv(files["args"], files, out, data=FR_EN), out,
+            "config_mtl_asr_st_ctcst.yaml", "field target_unigram.decoder_args.decoder_ffn_embed_dim expected 2048, got 64")
+
+
+@needs_data
+def test_refuses_a_vocoder_config_that_does_not_fit_its_weights(files, tmp_path, capsys):
+    config = json.loads(files["vocoder_config"].read_text())
+    config["upsample_initial_channel"] = 64
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps(config))
+    out = tmp_path / "out"
+    argv = import_argv(files["args"], files, out, vocoder=False)
+    argv += ["--vocoder", str(files["vocoder"]), "--vocoder-config", str(bad)]
+    refused(capsys, argv, out, str(bad), "upsample_initial_channel expected 32", "got 64")
+    config["f0"] = True
+    bad.write_text(json.dumps(config))
+    refused(capsys, argv, out, str(bad), "field f0 expected None", "got True")
+
+
+@needs_data
+def test_existing_output_needs_force_and_a_failed_import_never_touches_it(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's file")
+    rc = cli.main(import_argv(files["args"], files, out))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "exists and is not empty; pass --force" in err[0], err
+    # A failing import with --force leaves the existing folder as it was.
+    bad = tmp_path / "bad.pt"
+    bad.write_text("garbage")
+    assert cli.main(import_argv(bad, files, out) + ["--force"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    # With --force a good import replaces it.
+    assert cli.main(import_argv(files["args"], files, out) + ["--force"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imported streamspeech.args.pt -> ")
+    assert not (out / "keep.txt").exists() and (out / "weights.safetensors").is_file()
+
+
+@needs_data
+def test_without_a_vocoder_the_vocoder_is_seeded_and_said_to_be_noise(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(import_argv(files["args"], files, out, vocoder=False)) == 0
+    captured = capsys.readouterr()
+    assert "no --vocoder given" in captured.err and "noise" in captured.err
+    model, cfg = load_checkpoint(out)
+    assert cfg.vocoder == get_preset("streamspeech").vocoder  # the released vocoder's dims
+    seeded = build_model(cfg).vocoder.state_dict()
+    assert all(torch.equal(v, seeded[k]) for k, v in model.vocoder.state_dict().items())
+    assert json.loads((out / "import.json").read_text())["vocoder"] == {"seeded": True, "seed": cfg.seed}
+    argv = import_argv(files["args"], files, tmp_path / "out2", vocoder=False) + ["--vocoder", str(files["vocoder"])]
+    refused(capsys, argv, tmp_path / "out2", "--vocoder and --vocoder-config go together")
+
+
+# ---- the full-size claim, from shapes only -----------------------------------------------------------
+
+RELEASED_PARAMETERS = 70_604_768  # reference/streamspeech-fidelity.md, "Parameter mapping"
+RELEASED_ARGS = model_args(get_preset("streamspeech"), encoder_layers=12, translation_decoder_layers=4,
+                           synthesizer_encoder_layers=2, decoder_layers=2, decoder_embed_dim=512,
+                           decoder_ffn_embed_dim=2048, decoder_attention_heads=8, ctc_upsample_rate=25)
+
+
+def _linear(prefix: str, out: int, inp: int, bias: bool = True) -> dict:
+    table = {f"{prefix}.weight": (out, inp)}
+    if bias:
+        table[f"{prefix}.bias"] = (out,)
+    return table
+
+
+def _norm(prefix: str, dim: int) -> dict:
+    return {f"{prefix}.weight": (dim,), f"{prefix}.bias": (dim,)}
+
+
+def _fairseq_layer(prefix: str, d: int, ffn: int, cross_kdim: int | None) -> dict:
+    """fairseq TransformerEncoderLayer / TransformerDecoderLayer (ctc_unity/modules/transformer_layer.py)."""
+    table = {}
+    for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+        table |= _linear(f"{prefix}.self_attn.{proj}", d, d)
+    table |= _norm(f"{prefix}.self_attn_layer_norm", d)
+    if cross_kdim is not None:
+        for proj, inp in (("k_proj", cross_kdim), ("v_proj", cross_kdim), ("q_proj", d), ("out_proj", d)):
+            table |= _linear(f"{prefix}.encoder_attn.{proj}", d, inp)
+        table |= _norm(f"{prefix}.encoder_attn_layer_norm", d)
+    table |= _linear(f"{prefix}.fc1", ffn, d) | _linear(f"{prefix}.fc2", d, ffn)
+    return table | _norm(f"{prefix}.final_layer_norm", d)
+
+
+def _conformer_layer(prefix: str, d: int, ffn: int, heads: int, kernel: int) -> dict:
+    """chunk_unity/modules/conformer_layer.py ChunkConformerEncoderLayer with ESPnet rel-pos MHA."""
+    table = {}
+    for ffn_name in ("ffn1", "ffn2"):
+        table |= _norm(f"{prefix}.{ffn_name}.layer_norm", d)
+        table |= _linear(f"{prefix}.{ffn_name}.w_1", ffn, d) | _linear(f"{prefix}.{ffn_name}.w_2", d, ffn)
+    table |= _norm(f"{prefix}.self_attn_layer_norm", d)
+    for proj in ("linear_q", "linear_k", "linear_v", "linear_out"):
+        table |= _linear(f"{prefix}.self_attn.{proj}", d, d)
+    table |= _linear(f"{prefix}.self_attn.linear_pos", d, d, bias=False)
+    table |= {f"{prefix}.self_attn.pos_bias_u": (heads, d // heads),
+              f"{prefix}.self_attn.pos_bias_v": (heads, d // heads)}
+    conv = f"{prefix}.conv_module"
+    table |= _norm(f"{conv}.layer_norm", d) | {
+        f"{conv}.pointwise_conv1.weight": (2 * d, d, 1), f"{conv}.depthwise_conv.weight": (d, 1, kernel),
+        f"{conv}.pointwise_conv2.weight": (d, d, 1), f"{conv}.batch_norm.running_mean": (d,),
+        f"{conv}.batch_norm.running_var": (d,), f"{conv}.batch_norm.num_batches_tracked": ()}
+    table |= _norm(f"{conv}.batch_norm", d)
+    return table | _norm(f"{prefix}.final_layer_norm", d)
+
+
+def released_streamspeech_shapes() -> dict:
+    """Key -> shape of the released simultaneous model's state dict, written from StreamSpeech's
+    module code (streamspeech_model.py, s2t_conformer.py, convolution.py, ctc_decoder.py,
+    transformer_decoder.py, transformer_encoder.py, ctc_transformer_unit_decoder.py)."""
+    d, ffn, vocab, units, dd = 256, 2048, 6000, 1005, 512
+    table = {"encoder.subsample.conv_layers.0.weight": (1024, 80, 5), "encoder.subsample.conv_layers.0.bias": (1024,),
+             "encoder.subsample.conv_layers.1.weight": (2 * d, 512, 5), "encoder.subsample.conv_layers.1.bias": (2 * d,)}
+    table |= _linear("encoder.linear", d, d)
+    for i in range(12):
+        table |= _conformer_layer(f"encoder.conformer_layers.{i}", d, ffn, 4, 31)
+    table |= _linear("source_unigram_decoder.proj", vocab, d) | _linear("ctc_target_unigram_decoder.proj", vocab, d)
+    table |= {"target_unigram_decoder.version": (1,), "target_unigram_decoder.embed_tokens.weight": (vocab, dd),
+              "target_unigram_decoder.output_projection.weight": (vocab, dd)}
+    for i in range(4):
+        table |= _fairseq_layer(f"target_unigram_decoder.layers.{i}", dd, 2048, cross_kdim=d)
+    table |= _norm("target_unigram_decoder.layer_norm", dd)
+    for i in range(2):
+        table |= _fairseq_layer(f"synthesizer_encoder.layers.{i}", dd, 2048, cross_kdim=None)
+    table |= _norm("synthesizer_encoder.layer_norm", dd)
+    table |= {"decoder.version": (1,), "decoder.embed_tokens.weight": (units, dd),
+              "decoder.output_projection.weight": (units, dd)}
+    for i in range(2):
+        table |= _fairseq_layer(f"decoder.layers.{i}", dd, 2048, cross_kdim=dd)
+    return table | _norm("decoder.layer_norm", dd)
+
+
+def released_generator_shapes() -> dict:
+    """The unit HiFi-GAN ``g_00500000`` generator (fairseq hifigan.py + codehifigan.py), weight-normed."""
+    vc = get_preset("streamspeech").vocoder
+
+    def wn(prefix, shape):
+        return {f"{prefix}.weight_g": (shape[0],) + (1,) * (len(shape) - 1), f"{prefix}.weight_v": shape}
+
+    ch = vc.upsample_initial_channel
+    table = wn("conv_pre", (ch, vc.embedding_dim, 7)) | {"conv_pre.bias": (ch,)}
+    for i, (u, k) in enumerate(zip(vc.upsample_rates, vc.upsample_kernel_sizes)):
+        table |= wn(f"ups.{i}", (ch >> i, ch >> (i + 1), k)) | {f"ups.{i}.bias": (ch >> (i + 1),)}
+    block = 0
+    for i in range(len(vc.upsample_rates)):
+        c = ch >> (i + 1)
+        for k, dils in zip(vc.resblock_kernel_sizes, vc.resblock_dilation_sizes):
+            for j in range(len(dils)):
+                for convs in ("convs1", "convs2"):
+                    table |= wn(f"resblocks.{block}.{convs}.{j}", (c, c, k)) | {f"resblocks.{block}.{convs}.{j}.bias": (c,)}
+            block += 1
+    c = ch >> len(vc.upsample_rates)
+    table |= wn("conv_post", (1, c, 7)) | {"conv_post.bias": (1,), "dict.weight": (vc.num_units, vc.embedding_dim)}
+    e, h = vc.embedding_dim, vc.duration_hidden
+    table |= {"dur_predictor.conv1.0.weight": (h, e, 3), "dur_predictor.conv1.0.bias": (h,),
+              "dur_predictor.conv2.0.weight": (h, h, 3), "dur_predictor.conv2.0.bias": (h,),
+              "dur_predictor.proj.weight": (1, h), "dur_predictor.proj.bias": (1,)}
+    return table | _norm("dur_predictor.ln1", h) | _norm("dur_predictor.ln2", h)
+
+
+def _params(shapes) -> int:
+    return sum(math.prod(s) for k, s in shapes.items() if not k.endswith(("running_mean", "running_var",
+                                                                          "num_batches_tracked", "version")))
+
+
+@needs_data
+def test_released_model_maps_one_to_one_with_70_6_million_parameters():
+    """Shapes only (a meta-device model on our side): every tensor of the released checkpoint maps
+    onto the ``streamspeech`` preset, and both sides hold 70,604,768 parameters."""
+    from echostream.export.fairseq_checkpoint import FairseqCheckpoint
+    from echostream.export.streamspeech_data import read_data_folder
+    from echostream.export.streamspeech_import import derive_config, expected_tensors, plan_mapping
+
+    shapes = released_streamspeech_shapes()
+    ckpt = FairseqCheckpoint(Path("streamspeech.simultaneous.fr-en.pt"), {}, RELEASED_ARGS, dict(TASK))
+    cfg = derive_config(ckpt, shapes, read_data_folder(FR_EN, TASK))
+    assert cfg == get_preset("streamspeech")
+    ours = {k: s for k, (s, _) in expected_tensors(cfg).items() if not k.startswith("vocoder.")}
+    mapping, extras = plan_mapping(shapes, ours, "released")
+    assert set(mapping) == set(ours)  # every EchoStream tensor has its source ...
+    assert len(set(mapping.values())) == len(mapping) == len(shapes) - 4  # ... one to one
+    assert sorted(extras) == sorted(["target_unigram_decoder.version", "decoder.version",
+                                     "target_unigram_decoder.output_projection.weight",
+                                     "decoder.embed_tokens.weight"])
+    aliases = {"target_unigram_decoder.output_projection.weight", "decoder.embed_tokens.weight"}
+    assert _params({k: s for k, s in shapes.items() if k not in aliases}) == RELEASED_PARAMETERS
+    assert _params(ours) == RELEASED_PARAMETERS
+
+
+def test_released_vocoder_maps_one_to_one():
+    """The weight-normed generator's shapes plan onto our vocoder: every tensor, norm removed."""
+    from types import SimpleNamespace
+
+    from echostream.export.streamspeech_import import expected_tensors
+    from echostream.export.vocoder_import import plan_vocoder
+
+    shapes = released_generator_shapes()
+    refs = {k: SimpleNamespace(shape=s) for k, s in shapes.items()}
+    ours = {k[len("vocoder."):]: s for k, (s, _) in expected_tensors(get_preset("streamspeech")).items()
+            if k.startswith("vocoder.")}
+    plan = plan_vocoder(refs, ours, "g_00500000")
+    assert [p.key for p in plan] == list(ours)
+    normed = [p for p in plan if p.g is not None]
+    assert len(normed) == sum(k.endswith("weight_g") for k in shapes) == 1 + 5 + 5 * 3 * 6 + 1
+    without_g = {k: s for k, s in shapes.items() if not k.endswith("weight_g")}
+    assert _params(without_g) == _params(ours) == 13_475_010
+
+
+# ---- the restricted reader on its own ----------------------------------------------------------------
+
+
+def _raw_torch_zip(path: Path, pickled: bytes) -> Path:
+    """A torch-format zip whose data.pkl is ``pickled`` (for pickles torch.save would not write)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickled)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/.format_version", "1")
+    return path
+
+
+@pytest.mark.parametrize("protocol", [2, 4])  # GLOBAL and STACK_GLOBAL opcodes
+def test_reader_refuses_globals_outside_the_allow_list(protocol, tmp_path):
+    import pickle
+
+    from echostream.export.fairseq_checkpoint import TorchZipReader
+
+    marker = tmp_path / "ran"
+    for payload, name in ((_SystemPayload(marker), f"{os.system.__module__}.system"),
+                          (_EvalPayload(marker), "builtins.eval")):
+        path = _raw_torch_zip(tmp_path / f"p{protocol}.pt", pickle.dumps({"model": payload}, protocol=protocol))
+        with pytest.raises(CheckpointError, match=re.escape(f"refusing to load {name}")), TorchZipReader(path) as r:
+            r.load()
+    # A class of the test module itself is no configuration class either.
+    path = _raw_torch_zip(tmp_path / "cls.pt", pickle.dumps({"x": _Plain()}, protocol=protocol))
+    with pytest.raises(CheckpointError, match="refusing to load .*_Plain"), TorchZipReader(path) as r:
+        r.load()
+    assert not marker.exists()
+
+
+class _Plain:
+    pass
+
+
+def test_reader_refuses_allocations_the_file_does_not_hold(tmp_path):
+    """``bytes(10**12)`` would allocate a terabyte from a 30-byte pickle: refused."""
+    from echostream.export.fairseq_checkpoint import TorchZipReader
+
+    path = _raw_torch_zip(tmp_path / "big.pt", b"cbuiltins\nbytes\n(I1000000000000\ntR.")
+    with pytest.raises(CheckpointError, match=r"refusing bytes\(<int>\)"), TorchZipReader(path) as r:
+        r.load()
+
+
+def test_reader_maps_configuration_objects_to_plain_data(tmp_path, monkeypatch):
+    """A DictConfig holding a Namespace (``allow_objects``, as fairseq's loader makes it), an
+    interpolation, and an enum of fairseq's -> plain values; tensors are read lazily, and a tied
+    pair is one storage."""
+    import enum
+    import types
+
+    from omegaconf import OmegaConf
+
+    from echostream.export.fairseq_checkpoint import TorchZipReader, read_fairseq_checkpoint
+
+    class DDPBackend(enum.Enum):
+        C10D = "c10d"
+
+    DDPBackend.__module__, DDPBackend.__qualname__ = "fairseq.dataclass.constants", "DDPBackend"
+    for name in ("fairseq", "fairseq.dataclass", "fairseq.dataclass.constants"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["fairseq.dataclass.constants"].DDPBackend = DDPBackend
+    cfg = OmegaConf.create({"model": argparse.Namespace(encoder_layers=12, chunk_size=8),
+                            "task": {"data": "/data/fr-en", "vocab": "${task.data}/dict.txt",
+                                     "copy": "${task.data}"},
+                            "distributed_training": {"ddp_backend": DDPBackend.C10D}},
+                           flags={"allow_objects": True})
+    weight = torch.randn(3, 4)
+    path = tmp_path / "cfg.pt"
+    torch.save({"cfg": cfg, "model": {"a": weight, "tied": weight, "b": weight[1:].t()}}, path)
+    with TorchZipReader(path) as reader:
+        ckpt = read_fairseq_checkpoint(reader)
+        assert ckpt.cfg_kind == "omegaconf"
+        assert ckpt.model_args == {"encoder_layers": 12, "chunk_size": 8}
+        assert ckpt.task_args["copy"] == "/data/fr-en"  # a whole-string interpolation is resolved
+        assert ckpt.state["a"].same_view(ckpt.state["tied"])
+        assert torch.equal(reader.tensor(ckpt.state["b"]), weight[1:].t())
+        top = reader.load()
+    from echostream.export.fairseq_checkpoint import to_plain
+
+    assert to_plain(top["cfg"])["distributed_training"] == {"ddp_backend": "c10d"}
