@@ -218,11 +218,18 @@ def _safe_bytearray(*args):
     return bytearray(*args)
 
 
-def _plain_dict(*args):
-    """``OrderedDict`` / ``defaultdict`` -> dict (a default factory is dropped, never called)."""
-    if args and not isinstance(args[0], (dict, list, tuple)):
-        return {}
-    return dict(*args)
+class PlainDict(dict):
+    """What ``OrderedDict`` / ``defaultdict`` unpickle to: a dict. Pickled attributes (a module
+    state dict's ``_metadata``) are kept aside in ``pickled_state``; a default factory is dropped,
+    never called."""
+
+    def __init__(self, *args):
+        if args and not isinstance(args[0], (dict, list, tuple)):
+            args = ()  # defaultdict(factory)
+        super().__init__(*args)
+
+    def __setstate__(self, state):
+        self.__dict__["pickled_state"] = state
 
 
 _BUILTINS = {
@@ -253,7 +260,7 @@ def resolve_global(module: str, name: str) -> Any:
     if module == "builtins" and name in _BUILTINS:
         return _BUILTINS[name]
     if module == "collections" and name in ("OrderedDict", "defaultdict"):
-        return _plain_dict
+        return PlainDict
     if module == "argparse" and name == "Namespace":
         return argparse.Namespace
     if module == "torch._utils" and name in _TORCH_FUNCTIONS:

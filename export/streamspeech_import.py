@@ -156,35 +156,32 @@ def layer_count(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
     return len({int(m.group(1)) for k in shapes if (m := pattern.match(k))})
 
 
-def shape_fields(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[Any, str]]:
-    """Architecture fields read off the state dict: field -> (value, where). A field whose key is
-    absent is left out (the strict key check names that key)."""
-    def dim(key: str, axis: int, name: str, out: dict) -> None:
-        if key in shapes and len(shapes[key]) > axis:
-            out.setdefault(name, (shapes[key][axis], key))
-
-    out: dict[str, tuple[Any, str]] = {
-        "encoder_layers": (layer_count(shapes, "encoder.conformer_layers."), "encoder.conformer_layers.*"),
-        "translation_decoder_layers": (layer_count(shapes, "target_unigram_decoder.layers."),
-                                       "target_unigram_decoder.layers.*"),
-        "synthesizer_encoder_layers": (layer_count(shapes, "synthesizer_encoder.layers."),
-                                       "synthesizer_encoder.layers.*"),
-        "decoder_layers": (layer_count(shapes, "decoder.layers."), "decoder.layers.*"),
-    }
+def shape_fields(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, Any, str]]:
+    """Architecture fields read off the state dict: ``(field, value, where)``. A field whose key is
+    absent is left out (the strict key check names that key); a field may appear twice (the MT and
+    unit decoders share ``decoder_embed_dim``)."""
+    out = [(name, layer_count(shapes, prefix), prefix + "*") for name, prefix in (
+        ("encoder_layers", "encoder.conformer_layers."),
+        ("translation_decoder_layers", "target_unigram_decoder.layers."),
+        ("synthesizer_encoder_layers", "synthesizer_encoder.layers."),
+        ("decoder_layers", "decoder.layers."))]
     layer, conv = "encoder.conformer_layers.0.", "encoder.subsample.conv_layers."
-    dim("encoder.linear.weight", 0, "encoder_embed_dim", out)
-    dim(layer + "ffn1.w_1.weight", 0, "encoder_ffn_embed_dim", out)
-    dim(layer + "self_attn.pos_bias_u", 0, "encoder_attention_heads", out)
-    dim(layer + "conv_module.depthwise_conv.weight", 2, "depthwise_conv_kernel_size", out)
-    dim(conv + "0.weight", 0, "conv_channels", out)
-    dim(conv + "0.weight", 1, "input_feat_per_channel", out)
-    dim("decoder.output_projection.weight", 1, "decoder_embed_dim", out)
-    dim("target_unigram_decoder.embed_tokens.weight", 1, "decoder_embed_dim", out)
-    dim("decoder.layers.0.fc1.weight", 0, "decoder_ffn_embed_dim", out)
+    for name, key, axis in (
+            ("encoder_embed_dim", "encoder.linear.weight", 0),
+            ("encoder_ffn_embed_dim", layer + "ffn1.w_1.weight", 0),
+            ("encoder_attention_heads", layer + "self_attn.pos_bias_u", 0),
+            ("depthwise_conv_kernel_size", layer + "conv_module.depthwise_conv.weight", 2),
+            ("conv_channels", conv + "0.weight", 0),
+            ("input_feat_per_channel", conv + "0.weight", 1),
+            ("decoder_embed_dim", "decoder.output_projection.weight", 1),
+            ("decoder_embed_dim", "target_unigram_decoder.embed_tokens.weight", 1),
+            ("decoder_ffn_embed_dim", "decoder.layers.0.fc1.weight", 0)):
+        if key in shapes and len(shapes[key]) > axis:
+            out.append((name, shapes[key][axis], key))
     kernels = [shapes[f"{conv}{i}.weight"][2] for i in range(layer_count(shapes, conv))
-               if f"{conv}{i}.weight" in shapes]
+               if len(shapes.get(f"{conv}{i}.weight", ())) == 3]
     if kernels:
-        out["conv_kernel_sizes"] = (",".join(map(str, kernels)), conv + "*.weight")
+        out.append(("conv_kernel_sizes", ",".join(map(str, kernels)), conv + "*.weight"))
     return out
 
 
@@ -193,24 +190,28 @@ def _fail_field(path: Path, name: str, want: Any, why: str, got: Any, where: str
     return CheckpointError(f"{path}: field {name} expected {want!r} ({why}), got {got!r}{where}")
 
 
+def _origin(args: dict[str, Any], name: str) -> str:
+    return "model args" if name in args else "StreamSpeech's default, not in the model args"
+
+
 def check_fixed_args(args: dict[str, Any], path: Path) -> None:
     """Settings EchoStream implements one way only, plus the chunk and subsampler kernels."""
     for name, want, why in FIXED_ARGS:
         got = model_arg(args, name)
         if got != want:
-            raise _fail_field(path, name, want, why, got, "model args")
+            raise _fail_field(path, name, want, why, got, _origin(args, name))
     chunk = model_arg(args, "chunk_size")
-    if not isinstance(chunk, int) or not 1 <= chunk < 999:
+    if type(chunk) is not int or not 1 <= chunk < 999:
         raise _fail_field(path, "chunk_size", "1..998", "a simultaneous chunk model; >= 999 is "
-                          "StreamSpeech's offline model", chunk, "model args")
+                          "StreamSpeech's offline model", chunk, _origin(args, "chunk_size"))
     if str(model_arg(args, "conv_kernel_sizes")).replace(" ", "") != "5,5":
         raise _fail_field(path, "conv_kernel_sizes", "5,5", "the Conv1d subsampler's kernels",
-                          model_arg(args, "conv_kernel_sizes"), "model args")
+                          model_arg(args, "conv_kernel_sizes"), _origin(args, "conv_kernel_sizes"))
 
 
 def check_shape_fields(args: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path) -> None:
     """Each architecture field of the args == the same field read off the state dict."""
-    for name, (got, where) in shape_fields(shapes).items():
+    for name, got, where in shape_fields(shapes):
         want = model_arg(args, name)
         if name == "conv_kernel_sizes":
             want = str(want).replace(" ", "")
@@ -256,6 +257,7 @@ def derive_config(ckpt: FairseqCheckpoint, shapes: dict[str, tuple[int, ...]], d
     """
     args, path = ckpt.model_args, ckpt.path
     check_fixed_args(args, path)
+    check_int_args(args, path)
     check_shape_fields(args, shapes, path)
     sizes = _vocab_sizes(shapes, path)
     check_dictionaries(data, sizes)
@@ -280,6 +282,25 @@ def _check_units(ckpt: FairseqCheckpoint, classes: int) -> None:
         raise CheckpointError(f"{ckpt.path}: unit classes expected {int(code_size) + 5} (4 specials + "
                               f"target_code_size {code_size} + blank), got {classes} "
                               "(decoder.output_projection.weight)")
+
+
+INT_ARGS = ("input_feat_per_channel", "encoder_embed_dim", "encoder_layers", "encoder_attention_heads",
+            "encoder_ffn_embed_dim", "conv_channels", "depthwise_conv_kernel_size",
+            "translation_decoder_layers", "decoder_embed_dim", "decoder_attention_heads",
+            "synthesizer_encoder_layers", "decoder_layers", "decoder_ffn_embed_dim", "ctc_upsample_rate")
+
+
+def check_int_args(args: dict[str, Any], path: Path) -> None:
+    """Every dim the config takes from the args is a positive int dividing as attention needs."""
+    for name in INT_ARGS:
+        value = model_arg(args, name)
+        if type(value) is not int or value < 1:
+            raise _fail_field(path, name, "a positive int", "a model dim", value, _origin(args, name))
+    for dim, heads in (("encoder_embed_dim", "encoder_attention_heads"),
+                       ("decoder_embed_dim", "decoder_attention_heads")):
+        if model_arg(args, dim) % model_arg(args, heads):
+            raise _fail_field(path, heads, f"a divisor of {dim} {model_arg(args, dim)}",
+                              "attention heads split the width", model_arg(args, heads), _origin(args, heads))
 
 
 def _build_config(args: dict[str, Any], sizes: dict[str, int], mt_ffn: int, vocoder_cfg) -> EchoStreamConfig:
@@ -591,6 +612,10 @@ def import_streamspeech(checkpoint: str | Path, *, data: str | Path, out: str | 
 
 def _convert(reader, ckpt, shapes, folder, voc, out, force, progress, log, start) -> ImportSummary:
     cfg = derive_config(ckpt, shapes, folder, voc.config)
+    if voc.config is not None and cfg.vocoder.num_units != cfg.unit.num_classes - 5:
+        raise CheckpointError(f"{voc.config_path}: field num_embeddings expected "
+                              f"{cfg.unit.num_classes - 5} (the unit decoder's {cfg.unit.num_classes} "
+                              f"classes - 4 specials - blank), got {cfg.vocoder.num_units}")
     expected = expected_tensors(cfg)
     model_shapes = {k: s for k, (s, _) in expected.items() if not k.startswith(VOCODER_PREFIX)}
     mapping, extras = plan_mapping(shapes, model_shapes, str(ckpt.path))

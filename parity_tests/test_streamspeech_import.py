@@ -80,6 +80,9 @@ def streamspeech_state(model, dtype=None) -> collections.OrderedDict:
     state["decoder.version"] = torch.tensor([3.0])
     state["target_unigram_decoder.output_projection.weight"] = state["target_unigram_decoder.embed_tokens.weight"]
     state["decoder.embed_tokens.weight"] = state["decoder.output_projection.weight"]
+    # nn.Module.state_dict() carries per-module versions as an attribute, pickled with the dict.
+    state._metadata = collections.OrderedDict(
+        (prefix, {"version": 1}) for prefix in ("", "encoder", "decoder", "target_unigram_decoder"))
     return state
 
 
@@ -515,6 +518,10 @@ def test_refuses_dictionaries_that_do_not_fit_the_output_layer(files, source_mod
     ({"uni_encoder": False}, ["field uni_encoder expected True", "got False"]),
     ({"chunk_size": 999999}, ["field chunk_size expected '1..998'", "got 999999"]),
     ({"conv_version": "convtransformer"}, ["field conv_version expected 's2t_transformer'", "got 'convtransformer'"]),
+    ({"encoder_attention_heads": 4}, ["field encoder_attention_heads expected 4 (model args), got 2",
+                                      "encoder.conformer_layers.0.self_attn.pos_bias_u"]),
+    ({"decoder_attention_heads": 3}, ["field decoder_attention_heads expected 'a divisor of decoder_embed_dim 32'",
+                                      "got 3"]),
 ])
 def test_refuses_an_architecture_field_mismatch(override, fragments, files, source_model, tmp_path, capsys):
     ckpt = write_variant(tmp_path / "arch.pt", source_model, form="omegaconf", **override)
@@ -543,6 +550,9 @@ def test_refuses_a_vocoder_config_that_does_not_fit_its_weights(files, tmp_path,
     config["f0"] = True
     bad.write_text(json.dumps(config))
     refused(capsys, argv, out, str(bad), "field f0 expected None", "got True")
+    config.update(f0=False, upsample_initial_channel=32, num_embeddings=999)
+    bad.write_text(json.dumps(config))
+    refused(capsys, argv, out, str(bad), "field num_embeddings expected 1000", "got 999")
 
 
 @needs_data
