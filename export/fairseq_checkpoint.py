@@ -71,7 +71,12 @@ class _StorageType:
 
 @dataclass(frozen=True)
 class StorageRef:
-    """One storage record ``data/<key>`` of ``numel`` elements of ``dtype``."""
+    """One storage record ``data/<key>`` of ``numel`` elements of ``dtype``.
+
+    Examples:
+        >>> StorageRef("0", torch.float16, 12).nbytes
+        24
+    """
 
     key: str
     dtype: torch.dtype
@@ -84,7 +89,13 @@ class StorageRef:
 
 @dataclass(frozen=True)
 class TensorRef:
-    """A tensor view ``shape``/``stride``/``offset`` (in elements of ``dtype``) into a storage."""
+    """A tensor view ``shape``/``stride``/``offset`` (in elements of ``dtype``) into a storage.
+
+    Examples:
+        >>> ref = TensorRef(StorageRef("0", torch.float32, 12), torch.float32, 0, (3, 4), (4, 1))
+        >>> ref.numel, ref.same_view(ref)
+        (12, True)
+    """
 
     storage: StorageRef
     dtype: torch.dtype
@@ -161,7 +172,14 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 
 class PickledObject:
     """An object of a class we do not import: records its constructor arguments, pickled state and
-    items; never runs anything of the original class. ``module``/``name`` say what it was."""
+    items; never runs anything of the original class. ``module``/``name`` say what it was.
+
+    Examples:
+        >>> node = stub_class("omegaconf.nodes", "AnyNode")()
+        >>> node.__setstate__({"_val": 12, "_metadata": None})
+        >>> to_plain(node)
+        12
+    """
 
     module = ""
     name = ""
@@ -221,7 +239,12 @@ def _safe_bytearray(*args):
 class PlainDict(dict):
     """What ``OrderedDict`` / ``defaultdict`` unpickle to: a dict. Pickled attributes (a module
     state dict's ``_metadata``) are kept aside in ``pickled_state``; a default factory is dropped,
-    never called."""
+    never called.
+
+    Examples:
+        >>> PlainDict(list), PlainDict([("a", 1)])
+        ({}, {'a': 1})
+    """
 
     def __init__(self, *args):
         if args and not isinstance(args[0], (dict, list, tuple)):
@@ -276,8 +299,18 @@ def resolve_global(module: str, name: str) -> Any:
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose every global goes through :func:`resolve_global` and whose
-    persistent ids become :class:`StorageRef` records (see the module docstring)."""
+    r"""``pickle.Unpickler`` whose every global goes through :func:`resolve_global` and whose
+    persistent ids become :class:`StorageRef` records (see the module docstring).
+
+    Examples:
+        >>> import io, pickle
+        >>> RestrictedUnpickler(io.BytesIO(pickle.dumps({"a": (1, 2.5)}))).load()
+        {'a': (1, 2.5)}
+        >>> RestrictedUnpickler(io.BytesIO(b"cos\nsystem\n(S'true'\ntR.")).load()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        echostream.export.fairseq_checkpoint.CheckpointError: refusing to load os.system: ...
+    """
 
     def find_class(self, module: str, name: str) -> Any:
         if not isinstance(module, str) or not isinstance(name, str):
@@ -306,6 +339,11 @@ _UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, TypeError, ValueError, Att
 class TorchZipReader:
     """A ``torch.save`` zip file: :meth:`load` the pickle (tensors as :class:`TensorRef`), then
     :meth:`tensor` reads the bytes of the ones needed. Use as a context manager (keeps the file open).
+
+    Examples:
+        >>> with TorchZipReader("model.pt") as reader:          # doctest: +SKIP
+        ...     top = reader.load()
+        ...     weight = reader.tensor(top["model"]["encoder.linear.weight"])   # [256, 256]
     """
 
     def __init__(self, path: str | Path):
@@ -482,6 +520,12 @@ class FairseqCheckpoint:
         task_args: the task's settings (``cfg.task``; the same dict as ``model_args`` for ``args``).
         cfg_kind: ``"omegaconf"`` (a pickled DictConfig), ``"dict"`` (fairseq's ``to_container``) or
             ``"args"`` (a legacy argparse Namespace).
+
+    Examples:
+        >>> with TorchZipReader("streamspeech.simultaneous.fr-en.pt") as r:   # doctest: +SKIP
+        ...     ckpt = read_fairseq_checkpoint(r)
+        >>> ckpt.cfg_kind, ckpt.model_args["encoder_layers"]   # doctest: +SKIP
+        ('dict', 12)
     """
 
     path: Path
@@ -541,8 +585,9 @@ def read_state_dict(reader: TorchZipReader, entry: str) -> dict[str, TensorRef]:
     top = reader.load()
     state = top.get(entry) if isinstance(top, dict) else None
     if not isinstance(state, dict) or not state:
+        keys = sorted(map(str, top))[:5] if isinstance(top, dict) else []
         raise CheckpointError(f"{reader.path}: expected a dict with a {entry!r} state dict, got "
-                              f"{type(top).__name__} with keys {sorted(map(str, top))[:5] if isinstance(top, dict) else []}")
+                              f"a {type(top).__name__} with keys {keys}")
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, TensorRef)]
     if bad:
         raise CheckpointError(f"{reader.path}: {entry} entry {bad[0]!r} is not a tensor")

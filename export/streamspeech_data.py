@@ -10,7 +10,7 @@ is resolved by name inside the folder: the shortest tail of the written path tha
 
 Examples:
     >>> data = read_data_folder("../shared/streamspeech/configs/fr-en", {})   # doctest: +SKIP
-    >>> data.src_dict.name, data.src_size, data.tgt_size
+    >>> data.src_dict.name, data.src_size, data.tgt_size   # doctest: +SKIP
     ('spm_unigram_fr.txt', 6000, 6000)
 """
 from __future__ import annotations
@@ -41,6 +41,11 @@ class DataFolder:
         cmvn: ``gcmvn.npz`` (``mean``/``std`` ``[input_dim]``).
         src_size / tgt_size: dictionary sizes with fairseq's 4 specials (``4 + lines``).
         mt_decoder_args / st_decoder_args: the ``decoder_args`` of the MT and ST CTC tasks.
+
+    Examples:
+        >>> data = read_data_folder("configs/fr-en", {"config_yaml": "config_gcmvn.yaml"})  # doctest: +SKIP
+        >>> data.tgt_dict.relative_to(data.root), data.tgt_size   # doctest: +SKIP
+        (PosixPath('tgt_unigram6000/spm_unigram_fr.txt'), 6000)
     """
 
     root: Path

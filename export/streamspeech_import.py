@@ -428,7 +428,14 @@ def read_tensors(reader: TorchZipReader, state: dict[str, TensorRef], mapping: d
 
 @dataclass
 class VocoderSource:
-    """``--vocoder G --vocoder-config JSON`` after reading (None fields: seeded vocoder)."""
+    """``--vocoder G --vocoder-config JSON`` after reading (None fields: seeded vocoder).
+
+    Examples:
+        >>> with contextlib.ExitStack() as stack:                       # doctest: +SKIP
+        ...     voc = open_vocoder("g_00500000", "config.json", VocoderConfig(), stack)
+        ...     voc.config.upsample_rates, len(voc.state)
+        ([5, 4, 4, 2, 2], 321)
+    """
 
     checkpoint: Path | None = None
     config_path: Path | None = None
@@ -514,7 +521,13 @@ def write_folder(out: Path, force: bool, fill: Callable[[Path], None]) -> None:
 
 @dataclass
 class ImportSummary:
-    """What an import did (also written as ``import.json``)."""
+    """What an import did (``record`` is what ``import.json`` holds).
+
+    Examples:
+        >>> summary = import_streamspeech("ss.pt", data="fr-en", out="ckpt")   # doctest: +SKIP
+        >>> summary.tensors, summary.parameters   # doctest: +SKIP
+        (650, 70604768)
+    """
 
     checkpoint: Path
     out: Path

@@ -111,7 +111,13 @@ def read_vocoder_config(path: str | Path, base: VocoderConfig) -> VocoderConfig:
 
 @dataclass(frozen=True)
 class VocoderTensor:
-    """How one EchoStream vocoder tensor is made: ``weight`` (taken as is) or ``g``/``v``."""
+    """How one EchoStream vocoder tensor is made: ``weight`` (taken as is) or ``g``/``v``.
+
+    Examples:
+        >>> entry = VocoderTensor("conv_pre.weight", g=g_ref, v=v_ref)   # doctest: +SKIP
+        >>> materialise_vocoder([entry], reader)["vocoder.conv_pre.weight"].shape   # doctest: +SKIP
+        torch.Size([512, 128, 7])
+    """
 
     key: str
     weight: TensorRef | None = None
