@@ -10,11 +10,13 @@ code of this module or to an inert data type, so reading a checkpoint never runs
   bytes are; nothing is read yet), storage classes (``torch.FloatStorage`` ...) and ``torch`` dtypes
   -> markers; the persistent id ``("storage", type, key, location, numel)`` -> :class:`StorageRef`;
 - data: ``builtins`` dict, list, tuple, set, frozenset, int, float, str, bytes, bytearray, bool,
-  complex, slice; ``collections.OrderedDict`` / ``defaultdict`` (as plain dicts);
-  ``argparse.Namespace``;
-- configuration classes of ``omegaconf.*``, ``fairseq.*``, ``typing.*``, ``enum.*`` and numpy's
-  scalar/array pickles -> :class:`PickledObject` stubs that only record what they were built with
-  (:func:`to_plain` turns them into dicts and values).
+  complex, slice; ``_codecs.encode(str, "latin1")`` (protocol 2's spelling of bytes);
+  ``collections.OrderedDict`` / ``defaultdict`` (as plain dicts); ``argparse.Namespace``;
+- configuration classes of ``omegaconf.*``, ``fairseq.*``, ``typing.*``, ``enum.*``, StreamSpeech's
+  plugin packages (``ctc_unity``, ``chunk_unity``, ``uni_unity``) and numpy's scalar/array pickles ->
+  :class:`PickledObject` stubs that only record what they were built with (:func:`to_plain` turns
+  them into dicts and values); ``type(None)`` and ``operator.getitem`` on a typing stub (how
+  ``Optional[int]`` pickles) by our own narrow functions.
 
 Any other name (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ...) raises
 :class:`CheckpointError` when the pickle asks for it, before anything is called. Tensor bytes are
@@ -236,6 +238,29 @@ def _safe_bytearray(*args):
     return bytearray(*args)
 
 
+def _latin1_bytes(text, encoding="latin1"):
+    """``_codecs.encode(str, "latin1")``: how protocol-2 pickles spell a ``bytes`` object."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise CheckpointError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
+def _type_of(*args):
+    """``builtins.type``, for the one use a config pickle has: ``type(None)`` (``Optional[...]``);
+    never the three-argument form that makes a class."""
+    if args != (None,):
+        raise CheckpointError(f"refusing builtins.type({', '.join(type(a).__name__ for a in args)})")
+    return type(None)
+
+
+def _subscript(origin, args):
+    """``operator.getitem`` as typing's pickles use it (``typing.Optional[int]``): only on a
+    stubbed typing class, giving a stub that records the arguments."""
+    if not (isinstance(origin, type) and issubclass(origin, PickledObject) and origin.module == "typing"):
+        raise CheckpointError(f"refusing operator.getitem on {type(origin).__name__}")
+    return origin(args)
+
+
 class PlainDict(dict):
     """What ``OrderedDict`` / ``defaultdict`` unpickle to: a dict. Pickled attributes (a module
     state dict's ``_metadata``) are kept aside in ``pickled_state``; a default factory is dropped,
@@ -264,7 +289,10 @@ _TORCH_FUNCTIONS = {
     "_rebuild_tensor_v2": _rebuild_tensor_v2, "_rebuild_tensor_v3": _rebuild_tensor_v3,
     "_rebuild_parameter": _rebuild_parameter, "_rebuild_parameter_with_state": _rebuild_parameter,
 }
-_STUB_MODULES = ("omegaconf", "fairseq", "typing", "enum")
+# Configuration classes: omegaconf's nodes, fairseq's dataclass configs and enums, typing's
+# annotations, and the config classes of StreamSpeech's fairseq plugins (its --user-dir packages).
+_STUB_MODULES = ("omegaconf", "fairseq", "typing", "enum", "ctc_unity", "chunk_unity", "uni_unity",
+                 "researches")
 _NUMPY_NAMES = {("numpy", "dtype"), ("numpy", "ndarray"), ("numpy.core.multiarray", "scalar"),
                 ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
                 ("numpy._core.multiarray", "_reconstruct")}
@@ -284,6 +312,12 @@ def resolve_global(module: str, name: str) -> Any:
         return _BUILTINS[name]
     if module == "collections" and name in ("OrderedDict", "defaultdict"):
         return PlainDict
+    if module == "_codecs" and name == "encode":
+        return _latin1_bytes
+    if module == "builtins" and name == "type":
+        return _type_of
+    if module in ("_operator", "operator") and name == "getitem":
+        return _subscript
     if module == "argparse" and name == "Namespace":
         return argparse.Namespace
     if module == "torch._utils" and name in _TORCH_FUNCTIONS:
@@ -331,6 +365,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 # ---- the zip container -----------------------------------------------------------------------------
 
+MAX_RECORD_BYTES = 1 << 28  # data.pkl and small records; tensor bytes live in the storage records
 _UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError,
                     IndexError, KeyError, RecursionError, MemoryError, OverflowError,
                     UnicodeDecodeError, ImportError)
@@ -394,13 +429,22 @@ class TorchZipReader:
             raise self._fail(f"byteorder record expected 'little' or 'big', got {order[:20]!r}")
         self._swap = order.decode() != sys.byteorder
 
-    def _record(self, name: str, optional: bool = False) -> bytes | None:
+    def _record(self, name: str, optional: bool = False, size: int | None = None,
+                limit: int = MAX_RECORD_BYTES) -> bytes | None:
+        """One zip member. ``size``: the exact size it must declare; the declared size is checked
+        before reading, so a record cannot make us allocate more than it says (or ``limit``)."""
         try:
-            return self._zip.read(name)
+            info = self._zip.getinfo(name)
         except KeyError:
             if optional:
                 return None
             raise self._fail(f"corrupt checkpoint: record {name} is missing") from None
+        if size is not None and info.file_size != size:
+            raise self._fail(f"corrupt checkpoint: {name} holds {info.file_size} bytes, expected {size}")
+        if size is None and info.file_size > limit:
+            raise self._fail(f"{name} declares {info.file_size} bytes, expected at most {limit}")
+        try:
+            return self._zip.read(info)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
             raise self._fail(f"corrupt checkpoint: cannot read {name} ({exc})") from None
 
@@ -417,7 +461,7 @@ class TorchZipReader:
 
     def _storage(self, ref: StorageRef) -> bytearray:
         if ref.key not in self._cache:
-            raw = self._record(f"{self._prefix}data/{ref.key}")
+            raw = self._record(f"{self._prefix}data/{ref.key}", size=ref.nbytes)
             if len(raw) != ref.nbytes:
                 raise self._fail(f"corrupt checkpoint: storage {ref.key} holds {len(raw)} bytes, "
                                  f"expected {ref.nbytes}")
@@ -441,9 +485,13 @@ class TorchZipReader:
 
 
 def _numpy_scalar(obj: PickledObject) -> Any:
+    """``numpy.core.multiarray.scalar(dtype, bytes)`` -> the Python number (numeric kinds only)."""
     dtype, data = (obj.args + (None, None))[:2]
     if isinstance(dtype, PickledObject) and dtype.args and isinstance(data, bytes):
-        kind = np.dtype(str(dtype.args[0]))
+        try:
+            kind = np.dtype(str(dtype.args[0])[:16])
+        except (TypeError, ValueError):
+            return repr(obj)
         if kind.kind in "biufc" and len(data) == kind.itemsize:
             return np.frombuffer(data, kind)[0].item()
     return repr(obj)

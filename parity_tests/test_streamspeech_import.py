@@ -830,3 +830,74 @@ def test_reader_maps_configuration_objects_to_plain_data(tmp_path, monkeypatch):
     from echostream.export.fairseq_checkpoint import to_plain
 
     assert to_plain(top["cfg"])["distributed_training"] == {"ddp_backend": "c10d"}
+    # numpy scalars (fairseq's meters and best-checkpoint values) become Python numbers.
+    path = tmp_path / "numpy.pt"
+    torch.save({"cfg": {"model": {"best": np.float64(3.25), "steps": np.int64(7)}}, "model": {"a": weight}}, path)
+    with TorchZipReader(path) as reader:
+        assert read_fairseq_checkpoint(reader).model_args == {"best": 3.25, "steps": 7}
+
+
+def test_reader_reads_a_structured_config_of_fairseq_dataclasses(tmp_path, monkeypatch):
+    """A pickled DictConfig built from fairseq-style dataclasses (typing annotations such as
+    ``Optional[int]`` pickle as ``operator.getitem`` / ``type(None)``; a StreamSpeech criterion
+    config lives in its plugin package ``ctc_unity``) reads as plain data."""
+    import types
+    from typing import List, Optional
+
+    from omegaconf import OmegaConf
+
+    from echostream.export.fairseq_checkpoint import TorchZipReader, read_fairseq_checkpoint, to_plain
+
+    @dataclasses.dataclass
+    class CommonConfig:
+        fp16: bool = True
+        seed: Optional[int] = 1
+        tags: List[str] = dataclasses.field(default_factory=lambda: ["simul"])
+
+    @dataclasses.dataclass
+    class CriterionConfig:
+        label_smoothing: float = 0.1
+        rdrop_alpha: Optional[float] = None
+
+    classes = {"fairseq.dataclass.configs": CommonConfig,
+               "ctc_unity.criterions.speech_to_speech_ctc_asr_st_criterion": CriterionConfig}
+    for module, cls in classes.items():
+        parts = module.split(".")
+        for i in range(1, len(parts) + 1):
+            monkeypatch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+        cls.__module__, cls.__qualname__ = module, cls.__name__
+        # the annotations are strings here (postponed evaluation): resolved in the class's module
+        vars(sys.modules[module]).update({cls.__name__: cls, "Optional": Optional, "List": List})
+    cfg = OmegaConf.create({"common": OmegaConf.structured(CommonConfig),
+                            "criterion": OmegaConf.structured(CriterionConfig),
+                            "model": argparse.Namespace(encoder_layers=12)}, flags={"allow_objects": True})
+    path = tmp_path / "structured.pt"
+    torch.save({"cfg": cfg, "model": {"a": torch.ones(2)}}, path)
+    with TorchZipReader(path) as reader:
+        ckpt = read_fairseq_checkpoint(reader)
+        plain = to_plain(reader.load()["cfg"])
+    assert ckpt.model_args == {"encoder_layers": 12}
+    assert plain["common"] == {"fp16": True, "seed": 1, "tags": ["simul"]}
+    assert plain["criterion"] == {"label_smoothing": 0.1, "rdrop_alpha": None}
+
+
+def test_reader_narrow_helpers_refuse_other_uses(tmp_path):
+    """``type`` and ``operator.getitem`` are allowed only as typing's pickles use them (older
+    omegaconf versions keep ``Optional[int]`` as a field's ``ref_type``)."""
+    import pickle
+    from typing import Dict, Optional
+
+    from echostream.export.fairseq_checkpoint import PickledObject, TorchZipReader
+
+    path = _raw_torch_zip(tmp_path / "typing.pt", pickle.dumps(
+        {"ref_type": Optional[int], "dict": Dict[str, int]}, protocol=2))
+    with TorchZipReader(path) as r:
+        loaded = r.load()
+    assert all(isinstance(v, PickledObject) and v.module == "typing" for v in loaded.values())
+
+    cases = {b"cbuiltins\ntype\n(S'x'\n(t}tR.": r"refusing builtins.type\(str, tuple, dict\)",
+             b"c_operator\ngetitem\n((lp0\nI1\naI0\ntR.": r"refusing operator.getitem on list"}
+    for i, (pickled, match) in enumerate(cases.items()):
+        path = _raw_torch_zip(tmp_path / f"n{i}.pt", pickled)
+        with pytest.raises(CheckpointError, match=match), TorchZipReader(path) as r:
+            r.load()
