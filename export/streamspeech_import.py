@@ -623,8 +623,24 @@ def import_streamspeech(checkpoint: str | Path, *, data: str | Path, out: str | 
         return _convert(reader, ckpt, shapes, folder, voc, out, force, progress, log, start)
 
 
+def language_notice(ckpt: FairseqCheckpoint, data: DataFolder) -> str | None:
+    """A notice when the training data path names another language pair than the data folder's
+    dictionaries (``.../fr-en/fbank2unit`` vs ``spm_unigram_es.txt``): every size check passes
+    for a wrong folder (all vocabularies have 6000 pieces), so say it."""
+    trained = re.search(r"(?:^|[/\\])([a-z]{2,3})-en(?:[/\\]|$)", str(ckpt.task_args.get("data") or ""))
+    folder = re.fullmatch(r"spm_unigram_([a-z]{2,3})\.txt", data.src_dict.name)
+    if trained and folder and trained.group(1) != folder.group(1):
+        return (f"notice: {ckpt.path.name} was trained on {trained.group(1)}-en data "
+                f"({ckpt.task_args['data']}) but {data.root} holds {folder.group(1)} dictionaries "
+                f"({data.src_dict.name}); is --data the right folder?")
+    return None
+
+
 def _convert(reader, ckpt, shapes, folder, voc, out, force, progress, log, start) -> ImportSummary:
     cfg = derive_config(ckpt, shapes, folder, voc.config)
+    notice = language_notice(ckpt, folder)
+    if notice:
+        log(notice)
     if voc.config is not None and cfg.vocoder.num_units != cfg.unit.num_classes - 5:
         raise CheckpointError(f"{voc.config_path}: field num_embeddings expected "
                               f"{cfg.unit.num_classes - 5} (the unit decoder's {cfg.unit.num_classes} "

@@ -901,3 +901,18 @@ def test_reader_narrow_helpers_refuse_other_uses(tmp_path):
         path = _raw_torch_zip(tmp_path / f"n{i}.pt", pickled)
         with pytest.raises(CheckpointError, match=match), TorchZipReader(path) as r:
             r.load()
+
+
+@needs_data
+def test_a_data_folder_of_another_language_pair_gets_a_notice(files, source_model, tmp_path, capsys, monkeypatch):
+    """Every size check passes for a wrong folder (all vocabularies have 6000 pieces): the import
+    says that the training data (es-en here) and the dictionaries (fr) disagree."""
+    monkeypatch.setitem(TASK, "data", "/data/zhangshaolei/datasets/cvss/cvss-c/es-en/fbank2unit")
+    ckpt = write_variant(tmp_path / "es.pt", source_model, form="args")
+    assert cli.main(import_argv(ckpt, files, tmp_path / "out")) == 0
+    err = capsys.readouterr().err
+    assert "trained on es-en data" in err and "holds fr dictionaries (spm_unigram_fr.txt)" in err
+    monkeypatch.setitem(TASK, "data", "/data/zhangshaolei/datasets/cvss/cvss-c/fr-en/fbank2unit")
+    ckpt = write_variant(tmp_path / "fr.pt", source_model, form="args")
+    assert cli.main(import_argv(ckpt, files, tmp_path / "out2")) == 0
+    assert "notice" not in capsys.readouterr().err
