@@ -645,7 +645,10 @@ def _convert(reader, ckpt, shapes, folder, voc, out, force, progress, log, start
         raise CheckpointError(f"{voc.config_path}: field num_embeddings expected "
                               f"{cfg.unit.num_classes - 5} (the unit decoder's {cfg.unit.num_classes} "
                               f"classes - 4 specials - blank), got {cfg.vocoder.num_units}")
-    expected = expected_tensors(cfg)
+    try:
+        expected = expected_tensors(cfg)
+    except (ValueError, TypeError) as exc:  # a dim our modules refuse (an even kernel, ...)
+        raise CheckpointError(f"{ckpt.path}: the architecture does not build: {exc}") from None
     model_shapes = {k: s for k, (s, _) in expected.items() if not k.startswith(VOCODER_PREFIX)}
     mapping, extras = plan_mapping(shapes, model_shapes, str(ckpt.path))
     vocoder_plan = None

@@ -522,6 +522,7 @@ def test_refuses_dictionaries_that_do_not_fit_the_output_layer(files, source_mod
                                       "encoder.conformer_layers.0.self_attn.pos_bias_u"]),
     ({"decoder_attention_heads": 3}, ["field decoder_attention_heads expected 'a divisor of decoder_embed_dim 32'",
                                       "got 3"]),
+    ({"ctc_upsample_rate": 0}, ["field ctc_upsample_rate expected 'a positive int'", "got 0"]),
 ])
 def test_refuses_an_architecture_field_mismatch(override, fragments, files, source_model, tmp_path, capsys):
     ckpt = write_variant(tmp_path / "arch.pt", source_model, form="omegaconf", **override)
@@ -916,3 +917,16 @@ def test_a_data_folder_of_another_language_pair_gets_a_notice(files, source_mode
     ckpt = write_variant(tmp_path / "fr.pt", source_model, form="args")
     assert cli.main(import_argv(ckpt, files, tmp_path / "out2")) == 0
     assert "notice" not in capsys.readouterr().err
+
+
+@needs_data
+def test_refuses_dims_our_modules_cannot_build(files, source_model, tmp_path, capsys):
+    """Args and shapes agree on an even depthwise kernel, which no 'same'-padded conv has."""
+    def even_kernel(state):
+        for key in [k for k in state if k.endswith("conv_module.depthwise_conv.weight")]:
+            state[key] = torch.zeros(32, 1, 6)
+
+    ckpt = write_variant(tmp_path / "even.pt", source_model, edit=even_kernel, depthwise_conv_kernel_size=6)
+    out = tmp_path / "out"
+    refused(capsys, import_argv(ckpt, files, out), out, str(ckpt), "the architecture does not build",
+            "kernel_size must be odd", "got 6")
