@@ -14,6 +14,7 @@ from echostream import __version__
 from echostream.errors import EchoStreamError
 
 COMMANDS = {
+    "import": ("echostream.export.import_cli", "import a released checkpoint (StreamSpeech) as an EchoStream checkpoint"),
     "export": ("echostream.export.commands", "export a preset or checkpoint to per-stage ONNX graphs"),
     "lint": ("echostream.export.lint", "static TensorRT-readiness check of every graph"),
     "parity": ("echostream.export.parity", "compare every stage against the PyTorch reference"),
