@@ -200,3 +200,13 @@ def test_decode_streams_refuses_foreign_and_repeated_streams(translators):
         a.decode_streams([stream, stream])
     with pytest.raises(ValueError, match="another Translator"):
         translators[160].decode_streams([stream])
+
+
+def test_device_state_backend_batches_streams_exactly(tiny_artifacts_dir):
+    """The IOBinding backend (device states; its CPU provider here) stacks and splits states
+    of its own: streams decoded together equal each decoded alone."""
+    translator = Translator.from_artifacts(tiny_artifacts_dir, backend="onnxruntime-cuda",
+                                           device="cpu", policy=POLICY, deterministic=True)
+    plans = [Plan(bursts(1.2, seed=s), 16000, s % 2, [6000, 13200]) for s in range(3)]
+    for plan, events in zip(plans, together(translator, plans)):
+        assert_same(events, solo(translator, plan))

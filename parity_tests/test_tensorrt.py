@@ -607,6 +607,29 @@ def test_state_snapshots_come_from_a_pool(standin):
     assert sum(e[0] == "cudaMalloc" for e in cudart2.events) == before + 4  # limit 0: nothing kept
 
 
+def test_streams_stack_and_split_by_device_row_copies(standin):
+    """decode_streams on TensorRT: states of streams of batch 1 and 2 are stacked into one batch-3
+    state by device-to-device row copies at the right offsets, and split back the same way
+    (bookkeeping: the stand-in has no memory behind its pointers)."""
+    stage, cudart = standin()
+    a, b = stage.initial_state(1), stage.initial_state(2)
+    cudart.events.clear()
+    batched = stage.stack_states([a, b])
+    assert batched.batch == 3
+    d2d = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+    copies = [e for e in cudart.events if e[0] == "cudaMemcpyAsync" and e[4] == d2d]
+    for name, buf in batched.current.items():
+        row = buf.nbytes // 3
+        mine = [e for e in copies if e[1] in (buf.ptr, buf.ptr + row)]
+        assert [(e[1] - buf.ptr, e[2], e[3]) for e in mine] == [
+            (0, a.current[name].ptr, row), (row, b.current[name].ptr, 2 * row)], name
+    cudart.events.clear()
+    parts = stage.split_state(batched, [1, 2])
+    assert [p.batch for p in parts] == [1, 2] and batched.current == {}
+    copies = [e for e in cudart.events if e[0] == "cudaMemcpyAsync" and e[4] == d2d]
+    assert len(copies) == 2 * len(parts[0].current)
+
+
 def test_one_trt_logger_per_process(standin, monkeypatch):
     """Every TrtStage's runtime and polygraphy's TensorRT loaders share one trt.Logger."""
     import polygraphy.backend.trt.util as poly_trt_util

@@ -58,7 +58,10 @@ class OrtCudaStage(OrtStage):
         self._data_only = dataclasses.replace(contract, context=(), states=())
 
     def _to_device(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
+        # A copy: on the CPU provider an OrtValue wraps the numpy memory (and OrtValue.numpy() is
+        # a view of it), so without one two states could share a buffer that a run writes into.
+        owned = np.array(array, copy=True, order="C")
+        return ort.OrtValue.ortvalue_from_numpy(owned, self.device, self.device_id)
 
     def initial_state(self, batch: int = 1) -> OrtDeviceState | None:
         return self.state_from_host(super().initial_state(batch)) if self.contract.states else None
@@ -76,9 +79,41 @@ class OrtCudaStage(OrtStage):
         return {name: value.numpy() for name, value in state.current.items()}
 
     def copy_state(self, state: OrtDeviceState) -> OrtDeviceState:
-        # ORT's Python API has no device-to-device copy, so this goes via the host: the MT policy
-        # copies once per generated token, so on this backend that costs a round trip per token.
-        return self.state_from_host(self.state_to_host(state))
+        """A snapshot copied on the device (``onnxruntime.copy_tensors``, ORT >= 1.23); where the
+        provider has no device-to-device transfer registered (the CPU provider of tests) it goes
+        through the host."""
+        copy = OrtDeviceState(self._empty(state.batch), self._empty(state.batch), state.batch)
+        names = self.contract.state_names
+        try:
+            ort.copy_tensors([state.current[n] for n in names], [copy.current[n] for n in names],
+                             None)
+        except (AttributeError, RuntimeError):  # no copy_tensors, or no transfer for this device
+            return self.state_from_host(self.state_to_host(state))
+        return copy
+
+    def _empty(self, batch: int) -> dict[str, ort.OrtValue]:
+        return {s.name: ort.OrtValue.ortvalue_from_shape_and_type(
+                    s.concrete_shape(batch), np.dtype(s.dtype), self.device, self.device_id)
+                for s in self.contract.states}
+
+    def stack_states(self, states: list[OrtDeviceState]) -> OrtDeviceState:
+        """Streams batched on axis 0 (also another stage's state read as context). ORT's Python
+        API cannot copy into a slice of a device tensor, so batching goes through the host on
+        this backend (TensorRT batches on the device)."""
+        hosts = [{n: v.numpy() for n, v in s.current.items()} for s in states]
+        return self._device_state({n: np.concatenate([h[n] for h in hosts]) for n in hosts[0]})
+
+    def split_state(self, state: OrtDeviceState, sizes: list[int]) -> list[OrtDeviceState]:
+        host = {n: v.numpy() for n, v in state.current.items()}
+        offsets = np.cumsum([0] + list(sizes))
+        return [self._device_state({n: v[offsets[i]:offsets[i + 1]] for n, v in host.items()})
+                for i in range(len(sizes))]
+
+    def _device_state(self, arrays: Mapping[str, np.ndarray]) -> OrtDeviceState:
+        """Host arrays (any state's names) -> a device state with a zeroed spare set."""
+        current = {n: self._to_device(a) for n, a in arrays.items()}
+        spare = {n: self._to_device(np.zeros_like(a)) for n, a in arrays.items()}
+        return OrtDeviceState(current, spare, int(next(iter(arrays.values())).shape[0]))
 
     def run(self, inputs: Mapping[str, np.ndarray], state: OrtDeviceState | None = None,
             context: OrtDeviceState | Mapping[str, np.ndarray] | None = None):

@@ -362,6 +362,17 @@ class DeviceBuffer:
             self.ptr, other.ptr, self.nbytes,
             self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream), "device copy")
 
+    def copy_rows_from(self, other: "DeviceBuffer", dst_row: int, src_row: int, rows: int,
+                       stream: Any) -> None:
+        """Copy ``rows`` rows (axis 0) of ``other`` starting at ``src_row`` to row ``dst_row``."""
+        row_bytes = self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+        if other.shape[1:] != self.shape[1:] or other.dtype != self.dtype:
+            raise ValueError(f"row copy between {other.dtype}{list(other.shape)} and "
+                             f"{self.dtype}{list(self.shape)}")
+        cuda_call(self._cudart.cudaMemcpyAsync(
+            self.ptr + dst_row * row_bytes, other.ptr + src_row * row_bytes, rows * row_bytes,
+            self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream), "device row copy")
+
     def zero(self, stream: Any) -> None:
         cuda_call(self._cudart.cudaMemsetAsync(self.ptr, 0, self.nbytes, stream), "cudaMemsetAsync")
 
@@ -461,6 +472,18 @@ class TrtState:
         self.current = {s.name: take(s.concrete_shape(batch), s.dtype) for s in contract.states}
         self.spare = {s.name: take(s.concrete_shape(batch), s.dtype) for s in contract.states}
         self._pool = pool
+
+    @classmethod
+    def like(cls, other: "TrtState", batch: int, pool: DevicePool | None) -> "TrtState":
+        """Buffers shaped as ``other``'s with ``batch`` rows (``other`` may be another stage's
+        state: a context is stacked by the stage that reads it)."""
+        state = cls.__new__(cls)
+        state.batch, state._pool = batch, pool
+        take = pool.take if pool is not None else DeviceBuffer
+        shapes = {n: (batch, *b.shape[1:]) for n, b in other.current.items()}
+        state.current = {n: take(shape, other.current[n].dtype) for n, shape in shapes.items()}
+        state.spare = {n: take(shape, other.current[n].dtype) for n, shape in shapes.items()}
+        return state
 
     def swap(self) -> None:
         """After a step: what was written becomes what is read next (a pointer swap)."""
@@ -571,6 +594,30 @@ class TrtStage(Stage):
             copy.current[name].copy_from(buf, self.stream)
         self._sync()
         return copy
+
+    def stack_states(self, states: list[TrtState]) -> TrtState:
+        """Streams batched on axis 0 by device-to-device row copies into pooled buffers."""
+        batched = TrtState.like(states[0], sum(s.batch for s in states), self._pool)
+        for name, buf in batched.current.items():
+            row = 0
+            for s in states:
+                buf.copy_rows_from(s.current[name], row, 0, s.batch, self.stream)
+                row += s.batch
+        return batched  # ordered on self.stream before the run that reads it
+
+    def split_state(self, state: TrtState, sizes: list[int]) -> list[TrtState]:
+        """Per-stream states copied out of a batched one (device to device); the batched
+        buffers go back to the pool."""
+        out, row = [], 0
+        for size in sizes:
+            part = TrtState.like(state, size, self._pool)
+            for name, buf in part.current.items():
+                buf.copy_rows_from(state.current[name], 0, row, size, self.stream)
+            out.append(part)
+            row += size
+        self._sync()
+        state.release()
+        return out
 
     def state_to_host(self, state: TrtState) -> dict[str, np.ndarray]:
         host = {name: buf.download(self.stream) for name, buf in state.current.items()}
