@@ -313,7 +313,7 @@ def _baseline_encoder(settings: Settings):
     """StreamSpeech's chunk Conformer: the ``streamspeech`` preset, or tiny dims in quick mode."""
     import torch
 
-    from echostream.models.config import get_preset
+    from echostream.config import get_preset
     from echostream.models.conformer_encoder import ChunkConformerEncoder
 
     if settings.baseline_preset == "streamspeech":

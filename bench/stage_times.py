@@ -12,20 +12,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from echostream.contract import INT32, StageContract
+from echostream.contract import INT32, StageContract, integer_range
 
 from .timing import Timing, time_calls
 
 COUNTER = 12  # steps already taken: caches part full, a realistic mask
-
-
-def integer_data_range(stage: str, cfg: Mapping[str, Any]) -> tuple[int, int]:
-    """``[low, high)`` of a stage's integer data input: target tokens, or unit ids (-1 = none)."""
-    if stage == "mt_decoder":
-        return 0, int(cfg["ctc"]["tgt_vocab_size"])
-    if stage in ("duration", "vocoder"):
-        return -1, int(cfg["vocoder"]["num_units"])
-    raise ValueError(f"stage {stage!r} has no integer data input")
 
 
 def random_feed(contract: StageContract, cfg: Mapping[str, Any], seed: int = 0,
@@ -47,7 +38,7 @@ def random_feed(contract: StageContract, cfg: Mapping[str, Any], seed: int = 0,
         return out
 
     is_int = any(s.dtype == INT32 for s in contract.data_inputs)
-    inputs = make(contract.data_inputs, integer_data_range(contract.stage, cfg) if is_int else None)
+    inputs = make(contract.data_inputs, integer_range(contract.stage, cfg) if is_int else None)
     context = make(contract.context) if contract.context else None
     state = make(contract.states) if contract.states else None
     return inputs, context, state

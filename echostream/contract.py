@@ -11,14 +11,21 @@ Conventions (DESIGN §4):
 - counters are int32 ``[B]``; per-layer caches are stacked ``[B, layers, slots, dim]``;
 - a state with zero capacity (memory off, no left context) is left out, never zero-length.
 
-Every builder takes the model config as a plain dict (``EchoStreamConfig.to_dict()`` or the
-``config`` of ``manifest.json``).
+Every builder takes the typed model config (:class:`echostream.config.EchoStreamConfig`) or its
+plain-dict form (``manifest.json``'s ``config``), which is converted once. Every derived size
+(windows, hops, capacities) is a function here, so export, runtime and tests agree on it; the
+per-stage *state* specs are functions of explicit sizes, so a module can build its own state
+contract from its constructor arguments.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Union
+
+from echostream.config import EchoStreamConfig
+
+Config = Union[EchoStreamConfig, Mapping[str, Any]]
 
 BATCH = "B"
 FLOAT32 = "float32"
@@ -118,6 +125,16 @@ def next_name(state: str) -> str:
     return f"next_{state}"
 
 
+def as_config(cfg: Config) -> EchoStreamConfig:
+    """The typed config (a plain dict, e.g. a manifest's, is validated and converted)."""
+    return cfg if isinstance(cfg, EchoStreamConfig) else EchoStreamConfig.from_dict(dict(cfg))
+
+
+def state_contract(stage: str, states: tuple[TensorSpec, ...]) -> StageContract:
+    """A contract holding only ``states``: what a module validates its state against."""
+    return StageContract(stage, (), (), tuple(states))
+
+
 # ---- derived sizes (shared with the runtime) --------------------------------------------------
 
 
@@ -126,8 +143,8 @@ CONV1D_SUBSAMPLER_KERNEL = 5  # StreamSpeech's Conv1dSubsampler kernels ("5,5")
 CONFORMER_FRAME_FBANK = 4  # fbank frames (10 ms) per encoder frame (40 ms) after two stride-2 convs
 
 
-def encoder_kind(cfg: dict[str, Any]) -> str:
-    return cfg["encoder"].get("kind", "emformer")
+def encoder_kind(cfg: Config) -> str:
+    return as_config(cfg).encoder.kind
 
 
 def conformer_conv_chunk(chunk_size: int) -> int:
@@ -137,7 +154,7 @@ def conformer_conv_chunk(chunk_size: int) -> int:
     return 16 if chunk_size >= 16 else 8
 
 
-def conformer_block_chunks(cfg: dict[str, Any]) -> int:
+def conformer_block_chunks(chunk_size: int) -> int:
     """Attention chunks per block ``R = lcm(C, c) / C`` (``c`` = conv chunk): the smallest span
     whose end is a chunk end of every conv and of the attention, so a step that holds a whole block
     equals the full pass. R = 1 for C = 8, 16, 32, ...; R = 2 for C = 4, 12, 24, 40, ...
@@ -146,7 +163,7 @@ def conformer_block_chunks(cfg: dict[str, Any]) -> int:
         ValueError: the subsampler's conv chunks do not tile an encoder chunk (``c`` must divide
             ``2C``), so no fixed fbank window per chunk exists.
     """
-    C = int(cfg["encoder"]["chunk_size"])
+    C = int(chunk_size)
     c = conformer_conv_chunk(C)
     if C < 1 or (2 * C) % c:
         raise ValueError(f"encoder.chunk_size {C} cannot stream: its conv chunk {c} must divide 2C "
@@ -155,13 +172,13 @@ def conformer_block_chunks(cfg: dict[str, Any]) -> int:
     return c // math.gcd(C, c)
 
 
-def encoder_step_frames(cfg: dict[str, Any]) -> int:
+def encoder_step_frames(cfg: Config) -> int:
     """Encoder frames one encoder call emits: the Emformer segment S, or the Conformer chunk C."""
-    enc = cfg["encoder"]
-    return int(enc["chunk_size"] if encoder_kind(cfg) == "conformer" else enc["segment_length"])
+    enc = as_config(cfg).encoder
+    return int(enc.chunk_size if enc.kind == "conformer" else enc.segment_length)
 
 
-def encoder_window_lead(cfg: dict[str, Any]) -> int:
+def encoder_window_lead(cfg: Config) -> int:
     """Fbank frames an encoder window starts before the first frame of its step: 3 for the Conv2D
     subsampler (see :func:`encoder_window_frames`), ``kernel // 2`` = 2 for the Conformer's first
     conv (its left context rides in the window instead of in the state)."""
@@ -170,7 +187,7 @@ def encoder_window_lead(cfg: dict[str, Any]) -> int:
     return ENCODER_WINDOW_LEAD
 
 
-def encoder_window_frames(cfg: dict[str, Any]) -> int:
+def encoder_window_frames(cfg: Config) -> int:
     """Fbank frames read per encoder step.
 
     Emformer: 4(S+R)+3. Two 3x3 stride-2 convs with padding 1: encoder frame ``u`` reads fbank
@@ -183,173 +200,235 @@ def encoder_window_frames(cfg: dict[str, Any]) -> int:
     """
     if encoder_kind(cfg) == "conformer":
         return encoder_window_lead(cfg) + encoder_hop_frames(cfg)
-    enc = cfg["encoder"]
-    return 4 * (enc["segment_length"] + enc["right_context"]) + ENCODER_WINDOW_LEAD
+    enc = as_config(cfg).encoder
+    return 4 * (enc.segment_length + enc.right_context) + ENCODER_WINDOW_LEAD
 
 
-def encoder_hop_frames(cfg: dict[str, Any]) -> int:
+def encoder_hop_frames(cfg: Config) -> int:
     """Fbank frames the encoder window advances per step: 4S (Emformer) or 4C (Conformer)."""
     return CONFORMER_FRAME_FBANK * encoder_step_frames(cfg)
 
 
-def encoder_has_valid_input(cfg: dict[str, Any]) -> bool:
+def encoder_has_valid_input(cfg: Config) -> bool:
     """Whether the encoder stage takes ``valid_frames`` (the Conformer: a partial last chunk is
     computed as the full pass computes it; the Emformer's right context has no such input)."""
     return encoder_kind(cfg) == "conformer"
 
 
-def sentence_source_frames(cfg: dict[str, Any]) -> int:
+def sentence_source_frames(cfg: Config) -> int:
     """Encoder frames one sentence may hold: the ST CTC and MT cross-attention capacity."""
-    return int(cfg["sentence"]["max_source_frames"])
+    return int(as_config(cfg).sentence.max_source_frames)
 
 
-def sentence_target_tokens(cfg: dict[str, Any]) -> int:
+def sentence_target_tokens(cfg: Config) -> int:
     """Target tokens one sentence may hold: the MT self-attention, T2U and unit cross-attention
     capacity (text states before the current one; ``</s>`` + N tokens give N + 1 text states)."""
-    return int(cfg["sentence"]["max_target_tokens"])
+    return int(as_config(cfg).sentence.max_target_tokens)
 
 
-def unit_self_capacity(cfg: dict[str, Any]) -> int:
+def unit_self_capacity(cfg: Config) -> int:
     """Upsampled positions the unit self-attention caches: every row of the previous
     ``max_target_tokens`` text states."""
-    return int(cfg["unit"]["upsample"]) * sentence_target_tokens(cfg)
+    return int(as_config(cfg).unit.upsample) * sentence_target_tokens(cfg)
+
+
+def vocoder_window_frames(cfg: Config) -> int:
+    v = as_config(cfg).vocoder
+    return v.window_left + v.window_chunk + v.window_right
+
+
+def vocoder_hop(cfg: Config) -> int:
+    """Waveform samples per unit frame: the product of the upsample rates (320 at 16 kHz)."""
+    return as_config(cfg).vocoder.hop_length
+
+
+def duration_context(kernel: int) -> int:
+    """Units of context each side a duration prediction needs (two ``kernel``-wide convs)."""
+    return 2 * ((int(kernel) - 1) // 2)
+
+
+def integer_range(stage: str, cfg: Config) -> tuple[int, int]:
+    """``[low, high)`` of a stage's integer data input: target tokens, unit ids (-1 = none), or
+    the conformer encoder's valid fbank frames."""
+    c = as_config(cfg)
+    if stage == "mt_decoder":
+        return 0, c.ctc.tgt_vocab_size
+    if stage in ("duration", "vocoder"):
+        return -1, c.vocoder.num_units
+    if stage == "encoder" and encoder_has_valid_input(c):
+        return 1, encoder_hop_frames(c) + 1
+    raise ValueError(f"stage {stage!r} has no integer data input")
+
+
+# ---- state specs from explicit sizes (one per stateful module) ----------------------------------
+
+
+def emformer_states(layers: int, d: int, memory: int, left: int) -> tuple[TensorSpec, ...]:
+    """Emformer memory bank and left-context K/V per layer (left out at zero size) + counter."""
+    states = []
+    if memory > 0:
+        states.append(TensorSpec("memory", (BATCH, layers, memory, d)))
+    if left > 0:
+        states.append(TensorSpec("left_keys", (BATCH, layers, left, d)))
+        states.append(TensorSpec("left_values", (BATCH, layers, left, d)))
+    states.append(TensorSpec("processed_segments", (BATCH,), INT32))
+    return tuple(states)
+
+
+def conformer_states(layers: int, d: int, frames: int, subsampling_channels: int, kernel: int,
+                     chunk: int) -> tuple[TensorSpec, ...]:
+    """Chunk Conformer: per-layer self-attention K/V of the sentence (``frames`` slots), the
+    subsampler's second conv's left context, every depthwise conv's left context, the block's
+    earlier chunks (only when a block holds R > 1 chunks), the counter."""
+    blocks = conformer_block_chunks(chunk)
+    cache = (BATCH, layers, frames, d)
+    states = [TensorSpec("keys", cache), TensorSpec("values", cache),
+              TensorSpec("subsample_context", (BATCH, CONV1D_SUBSAMPLER_KERNEL // 2,
+                                               subsampling_channels // 2))]
+    if kernel // 2:
+        states.append(TensorSpec("conv_context", (BATCH, layers, kernel // 2, d)))
+    if blocks > 1:
+        states.append(TensorSpec("block_frames", (BATCH, (blocks - 1) * chunk, d)))
+    states.append(TensorSpec("processed_chunks", (BATCH,), INT32))
+    return tuple(states)
+
+
+def st_ctc_states(layers: int, frames: int, d: int) -> tuple[TensorSpec, ...]:
+    """ST CTC transformer layers' K/V over the sentence + counter (none for a linear head)."""
+    if layers <= 0:
+        return ()
+    shape = (BATCH, layers, frames, d)
+    return (TensorSpec("keys", shape), TensorSpec("values", shape),
+            TensorSpec("processed_frames", (BATCH,), INT32))
+
+
+def cross_cache_states(layers: int, frames: int, d: int) -> tuple[TensorSpec, ...]:
+    """The MT cross-attention K/V of the sentence's source frames + counter (``mt_source``)."""
+    shape = (BATCH, layers, frames, d)
+    return (TensorSpec("cross_keys", shape), TensorSpec("cross_values", shape),
+            TensorSpec("source_frames", (BATCH,), INT32))
+
+
+def mt_self_states(layers: int, tokens: int, d: int) -> tuple[TensorSpec, ...]:
+    """The MT decoder's self-attention K/V of the previous tokens + position counter."""
+    shape = (BATCH, layers, tokens, d)
+    return (TensorSpec("self_keys", shape), TensorSpec("self_values", shape),
+            TensorSpec("target_positions", (BATCH,), INT32))
+
+
+def unit_decoder_states(t2u_layers: int, layers: int, text: int, upsample: int,
+                        d: int) -> tuple[TensorSpec, ...]:
+    """T2U K/V, unit cross-attention K/V (``text`` text states), unit self-attention K/V
+    (``upsample * text`` rows) + counter."""
+    t2u = (BATCH, t2u_layers, text, d)
+    cross = (BATCH, layers, text, d)
+    own = (BATCH, layers, upsample * text, d)
+    return (TensorSpec("t2u_keys", t2u), TensorSpec("t2u_values", t2u),
+            TensorSpec("cross_keys", cross), TensorSpec("cross_values", cross),
+            TensorSpec("unit_keys", own), TensorSpec("unit_values", own),
+            TensorSpec("text_positions", (BATCH,), INT32))
 
 
 # ---- per-stage contracts ----------------------------------------------------------------------
 
 
-def encoder_contract(cfg: dict[str, Any]) -> StageContract:
-    if encoder_kind(cfg) == "conformer":
-        return conformer_encoder_contract(cfg)
-    enc, ctc = cfg["encoder"], cfg["ctc"]
-    if enc["kind"] != "emformer":
-        raise ValueError(f"encoder kind expected 'emformer' or 'conformer', got {enc['kind']!r}")
-    layers, d = enc["num_layers"], enc["d_model"]
-    S = enc["segment_length"]
-    states = []
-    if enc["memory_size"] > 0:
-        states.append(TensorSpec("memory", (BATCH, layers, enc["memory_size"], d)))
-    if enc["left_context"] > 0:
-        states.append(TensorSpec("left_keys", (BATCH, layers, enc["left_context"], d)))
-        states.append(TensorSpec("left_values", (BATCH, layers, enc["left_context"], d)))
-    states.append(TensorSpec("processed_segments", (BATCH,), INT32))
+def encoder_contract(cfg: Config) -> StageContract:
+    c = as_config(cfg)
+    enc = c.encoder
+    if enc.kind == "conformer":
+        return conformer_encoder_contract(c)
+    if enc.kind != "emformer":
+        raise ValueError(f"encoder kind expected 'emformer' or 'conformer', got {enc.kind!r}")
+    S, d = enc.segment_length, enc.d_model
     return StageContract(
         "encoder",
-        data_inputs=(TensorSpec("x", (BATCH, encoder_window_frames(cfg), enc["input_dim"])),),
+        data_inputs=(TensorSpec("x", (BATCH, encoder_window_frames(c), enc.input_dim)),),
         data_outputs=(
             TensorSpec("y", (BATCH, S, d)),
-            TensorSpec("asr_log_probs", (BATCH, S, ctc["src_vocab_size"])),
+            TensorSpec("asr_log_probs", (BATCH, S, c.ctc.src_vocab_size)),
         ),
-        states=tuple(states),
+        states=emformer_states(enc.num_layers, d, enc.memory_size, enc.left_context),
     )
 
 
-def conformer_encoder_contract(cfg: dict[str, Any]) -> StageContract:
+def conformer_encoder_contract(cfg: Config) -> StageContract:
     """StreamSpeech's chunk Conformer, one call per attention chunk of C encoder frames.
 
     Inputs: ``x`` the fbank window (:func:`encoder_window_frames`), ``valid_frames`` int32 ``[B]``
-    real fbank frames of the chunk (``4C``; fewer only for a sentence's last chunk). States:
-    ``keys`` / ``values`` per-layer self-attention K/V of the sentence (``max_source_frames``
-    slots, right-aligned), ``subsample_context`` the subsampler's second conv's left context,
-    ``conv_context`` every depthwise conv's left context, ``block_frames`` (only when a block holds
-    R > 1 chunks) the layer inputs of the block's earlier chunks, ``processed_chunks`` the counter.
+    real fbank frames of the chunk (``4C``; fewer only for a sentence's last chunk). States: see
+    :func:`conformer_states`.
     """
-    enc, ctc = cfg["encoder"], cfg["ctc"]
-    layers, d, C = enc["num_layers"], enc["d_model"], enc["chunk_size"]
-    blocks = conformer_block_chunks(cfg)
-    cache = (BATCH, layers, sentence_source_frames(cfg), d)
-    states = [TensorSpec("keys", cache), TensorSpec("values", cache),
-              TensorSpec("subsample_context", (BATCH, CONV1D_SUBSAMPLER_KERNEL // 2,
-                                               enc["subsampling_channels"] // 2))]
-    if enc["depthwise_kernel"] // 2:
-        states.append(TensorSpec("conv_context", (BATCH, layers, enc["depthwise_kernel"] // 2, d)))
-    if blocks > 1:
-        states.append(TensorSpec("block_frames", (BATCH, (blocks - 1) * C, d)))
-    states.append(TensorSpec("processed_chunks", (BATCH,), INT32))
+    c = as_config(cfg)
+    enc = c.encoder
+    C, d = enc.chunk_size, enc.d_model
     return StageContract(
         "encoder",
-        data_inputs=(TensorSpec("x", (BATCH, encoder_window_frames(cfg), enc["input_dim"])),
+        data_inputs=(TensorSpec("x", (BATCH, encoder_window_frames(c), enc.input_dim)),
                      TensorSpec("valid_frames", (BATCH,), INT32)),
         data_outputs=(TensorSpec("y", (BATCH, C, d)),
-                      TensorSpec("asr_log_probs", (BATCH, C, ctc["src_vocab_size"]))),
-        states=tuple(states),
+                      TensorSpec("asr_log_probs", (BATCH, C, c.ctc.src_vocab_size))),
+        states=conformer_states(enc.num_layers, d, sentence_source_frames(c),
+                                enc.subsampling_channels, enc.depthwise_kernel, C),
     )
 
 
-def st_ctc_contract(cfg: dict[str, Any]) -> StageContract:
-    enc, ctc = cfg["encoder"], cfg["ctc"]
-    S, d = encoder_step_frames(cfg), enc["d_model"]
-    states = []
-    if ctc["st_layers"] > 0:
-        shape = (BATCH, ctc["st_layers"], sentence_source_frames(cfg), d)
-        states = [TensorSpec("keys", shape), TensorSpec("values", shape),
-                  TensorSpec("processed_frames", (BATCH,), INT32)]
+def st_ctc_contract(cfg: Config) -> StageContract:
+    c = as_config(cfg)
+    S, d = encoder_step_frames(c), c.encoder.d_model
     return StageContract(
         "st_ctc",
         data_inputs=(TensorSpec("x", (BATCH, S, d)),),
-        data_outputs=(TensorSpec("y", (BATCH, S, ctc["tgt_vocab_size"])),),
-        states=tuple(states),
+        data_outputs=(TensorSpec("y", (BATCH, S, c.ctc.tgt_vocab_size)),),
+        states=st_ctc_states(c.ctc.st_layers, sentence_source_frames(c), d),
     )
 
 
-def _cross_cache(cfg: dict[str, Any]) -> tuple[TensorSpec, ...]:
-    mt = cfg["mt"]
-    shape = (BATCH, mt["num_layers"], sentence_source_frames(cfg), mt["d_model"])
-    return (TensorSpec("cross_keys", shape), TensorSpec("cross_values", shape),
-            TensorSpec("source_frames", (BATCH,), INT32))
+def _cross_cache(c: EchoStreamConfig) -> tuple[TensorSpec, ...]:
+    return cross_cache_states(c.mt.num_layers, sentence_source_frames(c), c.mt.d_model)
 
 
-def mt_source_contract(cfg: dict[str, Any]) -> StageContract:
+def mt_source_contract(cfg: Config) -> StageContract:
     """Projects new encoder frames to every MT layer's cross-attention K/V and appends them."""
-    enc = cfg["encoder"]
+    c = as_config(cfg)
     return StageContract(
         "mt_source",
-        data_inputs=(TensorSpec("x", (BATCH, encoder_step_frames(cfg), enc["d_model"])),),
+        data_inputs=(TensorSpec("x", (BATCH, encoder_step_frames(c), c.encoder.d_model)),),
         data_outputs=(),
-        states=_cross_cache(cfg),
+        states=_cross_cache(c),
     )
 
 
-def mt_decoder_contract(cfg: dict[str, Any]) -> StageContract:
+def mt_decoder_contract(cfg: Config) -> StageContract:
     """One target token in -> next-token log-probs and the final hidden state (D_text) out."""
-    mt, ctc = cfg["mt"], cfg["ctc"]
-    shape = (BATCH, mt["num_layers"], sentence_target_tokens(cfg), mt["d_model"])
+    c = as_config(cfg)
     return StageContract(
         "mt_decoder",
         data_inputs=(TensorSpec("x", (BATCH,), INT32),),
         data_outputs=(
-            TensorSpec("y", (BATCH, ctc["tgt_vocab_size"])),
-            TensorSpec("hidden", (BATCH, mt["d_model"])),
+            TensorSpec("y", (BATCH, c.ctc.tgt_vocab_size)),
+            TensorSpec("hidden", (BATCH, c.mt.d_model)),
         ),
-        context=_cross_cache(cfg),
-        states=(TensorSpec("self_keys", shape), TensorSpec("self_values", shape),
-                TensorSpec("target_positions", (BATCH,), INT32)),
+        context=_cross_cache(c),
+        states=mt_self_states(c.mt.num_layers, sentence_target_tokens(c), c.mt.d_model),
     )
 
 
-def unit_decoder_contract(cfg: dict[str, Any]) -> StageContract:
+def unit_decoder_contract(cfg: Config) -> StageContract:
     """One committed text state in -> `upsample` unit-CTC frames (log-probs) out."""
-    u, mt = cfg["unit"], cfg["mt"]
-    text = sentence_target_tokens(cfg)
-    t2u = (BATCH, u["t2u_layers"], text, u["d_model"])
-    cross = (BATCH, u["num_layers"], text, u["d_model"])
-    own = (BATCH, u["num_layers"], unit_self_capacity(cfg), u["d_model"])
+    c = as_config(cfg)
+    u = c.unit
     return StageContract(
         "unit_decoder",
-        data_inputs=(TensorSpec("x", (BATCH, mt["d_model"])),),
-        data_outputs=(TensorSpec("y", (BATCH, u["upsample"], u["num_classes"])),),
-        states=(
-            TensorSpec("t2u_keys", t2u), TensorSpec("t2u_values", t2u),
-            TensorSpec("cross_keys", cross), TensorSpec("cross_values", cross),
-            TensorSpec("unit_keys", own), TensorSpec("unit_values", own),
-            TensorSpec("text_positions", (BATCH,), INT32),
-        ),
+        data_inputs=(TensorSpec("x", (BATCH, c.mt.d_model)),),
+        data_outputs=(TensorSpec("y", (BATCH, u.upsample, u.num_classes)),),
+        states=unit_decoder_states(u.t2u_layers, u.num_layers, sentence_target_tokens(c),
+                                   u.upsample, u.d_model),
     )
 
 
-def duration_contract(cfg: dict[str, Any]) -> StageContract:
+def duration_contract(cfg: Config) -> StageContract:
     """Unit ids (-1 = no unit) -> predicted log-durations, over a fixed window of units."""
-    w = cfg["vocoder"]["duration_window"]
+    w = as_config(cfg).vocoder.duration_window
     return StageContract(
         "duration",
         data_inputs=(TensorSpec("x", (BATCH, w), INT32),),
@@ -357,26 +436,17 @@ def duration_contract(cfg: dict[str, Any]) -> StageContract:
     )
 
 
-def vocoder_window_frames(cfg: dict[str, Any]) -> int:
-    v = cfg["vocoder"]
-    return v["window_left"] + v["window_chunk"] + v["window_right"]
-
-
-def vocoder_contract(cfg: dict[str, Any]) -> StageContract:
+def vocoder_contract(cfg: Config) -> StageContract:
     """Expanded unit frames (-1 = no frame) -> waveform, over a fixed window of frames."""
-    v = cfg["vocoder"]
-    hop = 1
-    for r in v["upsample_rates"]:
-        hop *= r
     w = vocoder_window_frames(cfg)
     return StageContract(
         "vocoder",
         data_inputs=(TensorSpec("x", (BATCH, w), INT32),),
-        data_outputs=(TensorSpec("y", (BATCH, w * hop)),),
+        data_outputs=(TensorSpec("y", (BATCH, w * vocoder_hop(cfg))),),
     )
 
 
-CONTRACT_BUILDERS: dict[str, Callable[[dict[str, Any]], StageContract]] = {
+CONTRACT_BUILDERS: dict[str, Callable[[Config], StageContract]] = {
     "encoder": encoder_contract,
     "st_ctc": st_ctc_contract,
     "mt_source": mt_source_contract,
@@ -387,7 +457,7 @@ CONTRACT_BUILDERS: dict[str, Callable[[dict[str, Any]], StageContract]] = {
 }
 
 
-def stage_contract(stage: str, cfg: dict[str, Any]) -> StageContract:
+def stage_contract(stage: str, cfg: Config) -> StageContract:
     try:
         builder = CONTRACT_BUILDERS[stage]
     except KeyError:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from echostream.contract import STAGE_NAMES, stage_contract
+from echostream.atomic import atomic_folder
+from echostream.runtime.artifacts import PRECISIONS
 from echostream.errors import EchoStreamError
 
 SRC_DICT, TGT_DICT, CMVN = "src_dict.txt", "tgt_dict.txt", "gcmvn.npz"
@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     parser.add_argument("--stages", nargs="+", choices=STAGE_NAMES, metavar="STAGE",
                         help=f"stages to export (default: all of {', '.join(STAGE_NAMES)})")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp16 also writes <stage>.fp16.onnx beside every fp32 graph")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -78,15 +78,8 @@ def export_artifacts(out: str | Path | None = None, *, preset: str | None = None
     out = Path(out) if out is not None else Path("engines") / cfg.name
     _check_out(out, force)
     model = build()  # after the cheap checks: a full-size model takes seconds to build
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         manifest = _write_folder(tmp, model, stages, make_fp16, source, progress, log)
-        _publish_permissions(tmp)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     manifest["_path"] = str(out)
     return manifest
 
@@ -141,7 +134,7 @@ def _resolve_source(preset, checkpoint, model):
         raise EchoStreamError("give exactly one of --preset or --checkpoint")
     if model is not None:
         return model.cfg, model.eval, {"kind": "model", "ref": model.cfg.name}
-    from echostream.models.config import get_preset
+    from echostream.config import get_preset
     from echostream.models.weights import build_model, load_checkpoint
 
     if preset is not None:
@@ -187,28 +180,6 @@ def _check_out(out: Path, force: bool) -> None:
         raise EchoStreamError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise EchoStreamError(f"output folder {out} exists and is not empty; pass --force to replace it")
-
-
-def _publish_permissions(root: Path) -> None:
-    """mkdtemp makes a 0700 folder (and some writers 0600 files); give the finished folder the
-    permissions an ordinary ``mkdir``/``open`` would have under the user's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
-    for path in root.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old folder is only deleted once the new one is in."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- vocabularies and CMVN -----------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from echostream.contract import (BATCH, INT32, StageContract, conformer_conv_chunk,
-                                 encoder_has_valid_input, encoder_hop_frames)
+                                 integer_range)
 from echostream.errors import ArtifactError, EchoStreamError
 from echostream.models.state import random_state, torch_dtype
 from echostream.runtime.artifacts import check_graph_io
@@ -64,18 +64,6 @@ class StageModule(nn.Module):
 
 
 # ---- example / random feeds (shared with the parity suite) ---------------------------------------
-
-
-def integer_range(stage: str, cfg: dict[str, Any]) -> tuple[int, int]:
-    """``[low, high)`` of a stage's integer data input: target tokens, unit ids (-1 = none), or
-    the chunk Conformer's valid fbank frames (1 .. 4C)."""
-    if stage == "encoder" and encoder_has_valid_input(cfg):
-        return 1, encoder_hop_frames(cfg) + 1
-    if stage == "mt_decoder":
-        return 0, cfg["ctc"]["tgt_vocab_size"]
-    if stage in ("duration", "vocoder"):
-        return -1, cfg["vocoder"]["num_units"]
-    raise ValueError(f"stage {stage!r} has no integer data input")
 
 
 def random_data(contract: StageContract, cfg: dict[str, Any], batch: int,

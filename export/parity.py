@@ -39,9 +39,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from echostream.contract import STAGE_NAMES
+from echostream.runtime.artifacts import PRECISIONS
+from echostream.runtime.backends import BACKENDS
 from echostream.errors import BackendUnavailable
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
 POLYGRAPHY_CHECK = "polygraphy single step (TensorRT vs ONNX Runtime)"
 BATCH = 2
 POSITIONS = (0, 1, 3)  # warm-up steps of the streams batched in the ``batch positions`` check
@@ -409,9 +410,9 @@ def format_table(results: list[CheckResult]) -> str:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifacts", type=Path, help="artifacts folder (engines/<name>)")
-    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    parser.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime")
     parser.add_argument("--steps", type=int, default=12, help="chained steps per check (>= 10 recommended)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--stages", nargs="+", choices=STAGE_NAMES, metavar="STAGE",
                         help="stages to check (default: every stage in the artifacts)")
     parser.add_argument("--seed", type=int, default=0)

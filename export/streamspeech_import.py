@@ -38,7 +38,6 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +61,7 @@ from echostream.export.vocoder_import import (
     plan_vocoder,
     read_vocoder_config,
 )
-from echostream.models.config import EchoStreamConfig, get_preset
+from echostream.config import EchoStreamConfig, get_preset
 
 IMPORT_FILE = "import.json"
 SRC_DICT, TGT_DICT, CMVN = "src_dict.txt", "tgt_dict.txt", "gcmvn.npz"
@@ -500,17 +499,14 @@ def _make_parents(path: Path) -> list[Path]:
 def write_folder(out: Path, force: bool, fill: Callable[[Path], None]) -> None:
     """Run ``fill(tmp)`` on a temporary folder beside ``out`` and rename it into place; on any
     failure nothing is left behind (and an existing ``out`` is untouched)."""
-    from echostream.export.commands import _publish_permissions, _replace
+    from echostream.atomic import atomic_folder
 
     check_out(out, force)
     created = _make_parents(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        fill(tmp)
-        _publish_permissions(tmp)
-        _replace(tmp, out)
+        with atomic_folder(out) as tmp:
+            fill(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         for parent in created:
             shutil.rmtree(parent, ignore_errors=True)
         raise

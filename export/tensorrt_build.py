@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -42,6 +40,7 @@ from typing import Any
 
 from echostream.contract import StageContract, stage_contract
 from echostream.errors import ArtifactError, BackendUnavailable, EchoStreamError
+from echostream.atomic import atomic_file
 from echostream.runtime.artifacts import MANIFEST, PRECISIONS, read_manifest, sha256_file
 from echostream.runtime.tensorrt_backend import (check_engine_io, engine_key, engine_shape,
                                                  gpu_info, import_tensorrt,
@@ -215,16 +214,8 @@ def build_engine(onnx_path: Path, contract: StageContract, settings: BuildSettin
 
 
 def _save_engine_atomic(poly: SimpleNamespace, engine, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, fsync=True) as tmp:
         poly.save_engine(engine, path=tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- files and the manifest ---------------------------------------------------------------------
@@ -232,16 +223,8 @@ def _save_engine_atomic(poly: SimpleNamespace, engine, path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``path`` and rename it over (never a partial file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, fsync=True) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def record_engines(root: Path, entries: dict[str, dict[str, Any]], trt_version: str) -> dict[str, Any]:

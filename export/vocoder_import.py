@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from echostream.export.fairseq_checkpoint import CheckpointError, TensorRef, TorchZipReader
-from echostream.models.config import VocoderConfig
+from echostream.config import VocoderConfig
 
 PREFIX = "vocoder."
 _WN_FORMS = (("weight_g", "weight_v"),

@@ -65,18 +65,18 @@ prefix every segment and so sees both values). Only whole blocks of ``R`` chunks
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from echostream.contract import (CONV1D_SUBSAMPLER_KERNEL, StageContract, conformer_block_chunks,
-                                 conformer_conv_chunk, encoder_contract)
+from echostream.contract import (BATCH, CONV1D_SUBSAMPLER_KERNEL, INT32, StageContract,
+                                 TensorSpec, conformer_block_chunks,
+                                 conformer_conv_chunk, conformer_states, state_contract)
 
-from .attention import constant_index, fifo_append, mask_bias, right_aligned_valid
-from .config import CTCConfig, EncoderConfig, SentenceConfig
+from .attention import fifo_append, mask_bias, right_aligned_valid
+from echostream.config import EncoderConfig, SentenceConfig
 from .state import check_state, check_tensor, zero_state
 
 FULL_CONTEXT = None  # chunk_size value meaning "no chunking" (StreamSpeech's offline model, C >= 999)
@@ -457,10 +457,10 @@ def chunk_attention_mask(length: int, chunk_size: int | None, device=None) -> Te
 
 
 def conformer_state_contract(cfg: EncoderConfig, max_source_frames: int) -> StageContract:
-    """The encoder stage contract for ``cfg`` and a sentence of ``max_source_frames`` frames (the
-    ASR head's vocabulary, which the contract builder also reads, does not affect the state)."""
-    return encoder_contract({"encoder": dataclasses.asdict(cfg), "ctc": dataclasses.asdict(CTCConfig()),
-                             "sentence": {"max_source_frames": max_source_frames}})
+    """The encoder stage's state specs for ``cfg`` and a sentence of ``max_source_frames``."""
+    return state_contract("encoder", conformer_states(
+        cfg.num_layers, cfg.d_model, max_source_frames, cfg.subsampling_channels,
+        cfg.depthwise_kernel, cfg.chunk_size))
 
 
 class ChunkConformerEncoder(nn.Module):
@@ -505,7 +505,7 @@ class ChunkConformerEncoder(nn.Module):
             self.contract, self.streaming_error = None, str(exc)
             return
         self.conv_chunk = conformer_conv_chunk(self.chunk_size)
-        self.block_chunks = conformer_block_chunks({"encoder": dataclasses.asdict(self.cfg)})
+        self.block_chunks = conformer_block_chunks(self.chunk_size)
         W, K = self.window_frames, self.max_source_frames
         self.register_buffer("stream_pos_table",
                              relative_position_rows(K + W - 1, -(W - 1), self.d_model), persistent=False)
@@ -621,7 +621,7 @@ class ChunkConformerEncoder(nn.Module):
         if x.dim() != 3 or tuple(x.shape[1:]) != (self.fbank_window, self.input_dim):
             raise ValueError(f"encoder step: x expected [B, {self.fbank_window}, {self.input_dim}], "
                              f"got {list(x.shape)}")
-        check_tensor("encoder", contract.spec("valid_frames"), valid_frames, x.shape[0])
+        check_tensor("encoder", TensorSpec("valid_frames", (BATCH,), INT32), valid_frames, x.shape[0])
         check_state(contract, state, x.shape[0])
 
     def step(self, x: Tensor, valid_frames: Tensor,

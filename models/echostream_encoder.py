@@ -19,14 +19,14 @@ Two faces that agree to fp32 rounding (``parity_tests/test_emformer.py``):
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from torch import Tensor, nn
 
-from echostream.contract import StageContract, encoder_contract, encoder_window_frames
+from echostream.config import EchoStreamConfig, EncoderConfig
+from echostream.contract import (StageContract, emformer_states, encoder_window_frames,
+                                 state_contract)
 
-from .config import CTCConfig, EncoderConfig
 from .emformer_layer import EmformerLayer, num_segments, segment_attention_mask, segment_means
 from .state import check_state, zero_state
 from .subsampling import Conv2dSubsampling, subsampled_length
@@ -36,10 +36,9 @@ CACHE_NAMES = ("memory", "left_keys", "left_values")  # per-layer caches, stacke
 
 
 def encoder_state_contract(cfg: EncoderConfig) -> StageContract:
-    """The encoder stage contract for ``cfg`` (only its states are used here; the ASR head's
-    vocabulary, which the contract builder also reads, does not affect them)."""
-    return encoder_contract({"encoder": dataclasses.asdict(cfg),
-                             "ctc": dataclasses.asdict(CTCConfig())})
+    """The encoder stage's state specs for ``cfg``."""
+    return state_contract("encoder", emformer_states(cfg.num_layers, cfg.d_model, cfg.memory_size,
+                                                     cfg.left_context))
 
 
 class EchoStreamEncoder(nn.Module):
@@ -68,7 +67,7 @@ class EchoStreamEncoder(nn.Module):
     @property
     def window_frames(self) -> int:
         """Fbank frames per :meth:`step`: ``4(S+R)+3``."""
-        return encoder_window_frames({"encoder": dataclasses.asdict(self.cfg)})
+        return encoder_window_frames(EchoStreamConfig(encoder=self.cfg))
 
     @property
     def hop_frames(self) -> int:

@@ -17,7 +17,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from echostream.contract import StageContract, stage_contract
-from echostream.models.config import EchoStreamConfig
+from echostream.config import EchoStreamConfig
 from echostream.models.decoders.ctc_decoder import CTCDecoder, CTCDecoderWithTransformerLayer
 from echostream.models.decoders.transformer_decoder import TransformerMTDecoder
 from echostream.models.decoders.unit_decoder import CTCTransformerUnitDecoder

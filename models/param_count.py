@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import PRESETS, EchoStreamConfig, get_preset
+from echostream.config import PRESETS, EchoStreamConfig, get_preset
 
 # Report label -> model attribute(s) counted under it. The T2U encoder lives inside unit_decoder.
 STAGES: dict[str, tuple[str, ...]] = {

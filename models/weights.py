@@ -24,7 +24,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import EchoStreamConfig
+from echostream.atomic import atomic_file
+
+from echostream.config import EchoStreamConfig
 
 ModelFactory = Callable[[EchoStreamConfig], nn.Module]
 
@@ -109,9 +111,8 @@ def save_checkpoint(model: nn.Module, cfg: EchoStreamConfig, path: str | os.Path
         "aliases": json.dumps(aliases, sort_keys=True),
     }
     # Write-then-rename: an interrupted save never leaves a truncated file under the real name.
-    tmp = weights_path.with_name(weights_path.name + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, weights_path)
+    with atomic_file(weights_path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     cfg.save(config_path)
     return weights_path
 

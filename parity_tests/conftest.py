@@ -77,7 +77,7 @@ def _verified_hash_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from echostream.models.config import get_preset
+    from echostream.config import get_preset
 
     return get_preset("tiny")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from echostream.contract import conformer_block_chunks, conformer_conv_chunk
-from echostream.models.config import get_preset
+from echostream.config import get_preset
 from echostream.models.conformer_encoder import (
     ChunkCausalConv1d,
     ChunkConformerEncoder,
@@ -164,12 +164,11 @@ def test_padded_batch_equals_each_alone():
 def test_conv_chunk_rule(chunk, conv_chunk, blocks):
     """The agent's rule (16 if C >= 16 else 8) and the block a streaming step must hold."""
     assert conformer_conv_chunk(chunk) == conv_chunk
-    cfg = {"encoder": {"chunk_size": chunk}}
     if blocks is None:
         with pytest.raises(ValueError, match=f"chunk_size {chunk} cannot stream"):
-            conformer_block_chunks(cfg)
+            conformer_block_chunks(chunk)
     else:
-        assert conformer_block_chunks(cfg) == blocks
+        assert conformer_block_chunks(chunk) == blocks
 
 
 @pytest.mark.parametrize("chunk", [4, 8, 16, 24, None])

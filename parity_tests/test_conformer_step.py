@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from echostream.models.config import get_preset
+from echostream.config import get_preset
 from echostream.models.conformer_encoder import ChunkConformerEncoder
 from echostream.models.state import random_state
 from echostream.models.subsampling import step_window
@@ -200,8 +200,16 @@ def test_bad_step_inputs_are_refused():
 
 
 def test_contract_shapes():
+    from echostream.config import SentenceConfig
+    from echostream.contract import encoder_contract
+
     enc = make_encoder(24)
-    shapes = {s.name: s.shape for s in enc.contract.inputs}
+    preset = get_preset("streamspeech_tiny")
+    cfg = dataclasses.replace(preset, encoder=enc.cfg,
+                              sentence=SentenceConfig(max_source_frames=CAPACITY))
+    contract = encoder_contract(cfg)
+    assert enc.contract.states == contract.states  # the module's own specs are the stage's
+    shapes = {s.name: s.shape for s in contract.inputs}
     assert shapes == {
         "x": ("B", 2 + 96, 80), "valid_frames": ("B",),
         "keys": ("B", 2, CAPACITY, 32), "values": ("B", 2, CAPACITY, 32),
@@ -209,7 +217,7 @@ def test_contract_shapes():
         "block_frames": ("B", 24, 32), "processed_chunks": ("B",),
     }
     assert "block_frames" not in make_encoder(8).contract.state_names
-    assert [s.name for s in enc.contract.outputs][:2] == ["y", "asr_log_probs"]
+    assert [s.name for s in contract.outputs][:2] == ["y", "asr_log_probs"]
 
 
 # ---- the released dims --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from echostream.contract import encoder_contract
-from echostream.models.config import EncoderConfig, get_preset
+from echostream.config import EncoderConfig, get_preset
 from echostream.models.echostream_encoder import EchoStreamEncoder
 from echostream.models.state import check_state, random_state
 from echostream.models.subsampling import step_window

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from echostream.models.config import get_preset
+from echostream.config import get_preset
 from echostream.models.features import (
     apply_global_cmvn,
     frame_sizes,

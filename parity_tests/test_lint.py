@@ -298,7 +298,7 @@ def test_cli_exit_codes_and_lines(tmp_path, capsys):
 
 def test_folder_uses_manifest_contracts(tmp_path):
     """A folder's manifest config gives each <stage>[.fp16].onnx its contract."""
-    from echostream.models.config import get_preset
+    from echostream.config import get_preset
 
     cfg = get_preset("tiny").to_dict()
     (tmp_path / "manifest.json").write_text(json.dumps({"config": cfg}))

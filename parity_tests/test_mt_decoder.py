@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from echostream.contract import mt_decoder_contract, mt_source_contract
-from echostream.models.config import get_preset
+from echostream.config import get_preset
 from echostream.models.decoders.transformer_decoder import TransformerMTDecoder
 from echostream.models.state import check_state
 

@@ -61,6 +61,17 @@ SCRIPT = textwrap.dedent('''
             assert state[counter].min() >= 1, (name, state[counter])
         print("ran", name)
 
+    from echostream.runtime.translator import Translator
+    translator = Translator.from_loaded(artifacts, "onnxruntime", threads=1)
+    streams = [translator.create_stream() for _ in range(2)]
+    for s in streams:
+        s.accept_waveform(16000, (0.1 * rng.standard_normal(16000)).astype(np.float32))
+        s.input_finished()
+    assert all(events[-1].kind == "end" for events in translator.decode_streams(streams))
+    leaked = [m for m in sys.modules if m.startswith(("echostream.models", "echostream.export"))]
+    assert not leaked, leaked
+    print("translated without models/export")
+
     try:
         load_stage(artifacts, "encoder", backend="torch")
     except BackendUnavailable as exc:
@@ -78,6 +89,7 @@ def test_runtime_runs_every_stage_without_torch(tiny_artifacts_dir):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for stage in ("encoder", "st_ctc", "mt_source", "mt_decoder", "unit_decoder", "duration", "vocoder"):
         assert f"ran {stage}" in proc.stdout
+    assert "translated without models/export" in proc.stdout
     assert "torch backend unavailable" in proc.stdout
     assert "no torch imported" in proc.stdout
 
@@ -94,4 +106,21 @@ def test_runtime_sources_never_import_torch():
                 names = [node.module]
             offenders += [f"{path.name}:{node.lineno} {n}" for n in names
                           if n == "torch" or n.startswith("torch.")]
+    assert not offenders, offenders
+
+
+def test_runtime_sources_never_import_models_or_export():
+    """The runtime depends on nothing of ours but the core (``echostream/``): no import statement
+    names ``echostream.models`` or ``echostream.export`` (the torch backend is reached through the
+    registry by module name, only when asked for)."""
+    offenders = []
+    for path in sorted(RUNTIME.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names
+                          if n.startswith(("echostream.models", "echostream.export"))]
     assert not offenders, offenders

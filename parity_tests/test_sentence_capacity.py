@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from echostream.models.config import get_preset
+from echostream.config import get_preset
 from echostream.models.decoders.ctc_decoder import CTCDecoderWithTransformerLayer
 from echostream.models.decoders.transformer_decoder import TransformerMTDecoder
 from echostream.runtime.events import AsrText, EndOfSentence, EndOfStream, SpeechChunk, TranslationText

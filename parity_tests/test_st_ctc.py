@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from echostream.contract import st_ctc_contract
-from echostream.models.config import get_preset
+from echostream.config import get_preset
 from echostream.models.decoders.ctc_decoder import CTCDecoder, CTCDecoderWithTransformerLayer
 from echostream.models.state import check_state
 

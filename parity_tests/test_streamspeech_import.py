@@ -40,7 +40,7 @@ import torch
 
 from echostream import cli
 from echostream.export.fairseq_checkpoint import CheckpointError
-from echostream.models.config import get_preset
+from echostream.config import get_preset
 from echostream.models.weights import build_model, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -124,7 +124,7 @@ def test_other_segment_sizes_are_refused(streamspeech_tiny_artifacts_dir, segmen
 
 def test_a_chunk_size_that_cannot_stream_is_refused_before_export(tmp_path):
     from echostream.export.commands import export_artifacts
-    from echostream.models.config import get_preset
+    from echostream.config import get_preset
     from echostream.models.weights import build_model
 
     cfg = get_preset("streamspeech_tiny")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from echostream.contract import unit_decoder_contract
-from echostream.models.config import get_preset
+from echostream.config import get_preset
 from echostream.models.decoders.unit_decoder import CTCTransformerUnitDecoder
 from echostream.models.state import check_state
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from echostream.contract import duration_contract, vocoder_contract
-from echostream.models.config import get_preset
+from echostream.config import get_preset
 from echostream.models.decoders.vocoder import (
     CodeHiFiGAN, duration_context, durations_from_log, receptive_field)
 from echostream.runtime.synthesis import StreamingSynthesizer

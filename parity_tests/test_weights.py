@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from echostream.models.config import EchoStreamConfig, get_preset
+from echostream.config import EchoStreamConfig, get_preset
 from echostream.models.conformer_encoder import ChunkConformerEncoder
 from echostream.models.weights import build_model, load_checkpoint, load_weights, save_checkpoint
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from echostream.contract import BATCH, StageContract, TensorSpec, stage_contract
+from echostream.atomic import atomic_file
 from echostream.errors import ArtifactError
 
 FORMAT_NAME = "echostream-artifacts"
@@ -228,10 +228,9 @@ def _write_verified(root: Path, files: dict[str, Any]) -> None:
     path = verified_cache_path(root)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"root": str(root.resolve()), "files": files}, f)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            Path(tmp).write_text(json.dumps({"root": str(root.resolve()), "files": files}),
+                                 encoding="utf-8")
     except OSError:
         pass
 

@@ -14,9 +14,11 @@ Label sets (fairseq dictionaries: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
+
+from echostream.contract import Config, as_config
 
 _NO_LABEL = -1  # "no previous frame": never equal to a class index
 
@@ -108,17 +110,17 @@ class IncrementalCTC:
         return new
 
 
-def text_ctc(cfg: dict[str, Any]) -> IncrementalCTC:
+def text_ctc(cfg: Config) -> IncrementalCTC:
     """ASR / ST head collapse (blank 0; pad and unk never chosen; pad dropped)."""
-    mt = cfg["mt"]
-    return IncrementalCTC(cfg["ctc"]["blank"], suppress=(mt["pad"], mt["unk"]), drop=(mt["pad"],))
+    c = as_config(cfg)
+    return IncrementalCTC(c.ctc.blank, suppress=(c.mt.pad, c.mt.unk), drop=(c.mt.pad,))
 
 
-def unit_ctc(cfg: dict[str, Any]) -> IncrementalCTC:
+def unit_ctc(cfg: Config) -> IncrementalCTC:
     """Unit head collapse (blank 1004; pad and unk never chosen; the 4 specials dropped).
 
-    Emitted tokens are *classes*; subtract ``cfg["unit"]["unit_offset"]`` for unit ids.
+    Emitted tokens are *classes*; subtract ``unit.unit_offset`` for unit ids.
     """
-    u, mt = cfg["unit"], cfg["mt"]
-    specials = range(u["unit_offset"])
-    return IncrementalCTC(u["blank"], suppress=(mt["pad"], mt["unk"]), drop=specials)
+    c = as_config(cfg)
+    specials = range(c.unit.unit_offset)
+    return IncrementalCTC(c.unit.blank, suppress=(c.mt.pad, c.mt.unk), drop=specials)

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 import kaldi_native_fbank as knf
 import numpy as np
 
+from echostream.config import FeatureConfig
+
 INT16_SCALE = 32768.0  # StreamSpeech scales [-1, 1] samples to the int16 range before fbank
 LOW_FREQ_HZ = 20.0
 
@@ -25,14 +27,12 @@ def fbank_options(feature_cfg: Mapping[str, Any]) -> knf.FbankOptions:
     ``feature_cfg``: the config's ``features`` section (``sample_rate``, ``num_mel_bins``,
     ``frame_length_ms``, ``frame_shift_ms``).
     """
-    for key in ("sample_rate", "num_mel_bins", "frame_length_ms", "frame_shift_ms"):
-        if key not in feature_cfg:
-            raise ValueError(f"feature config needs {key!r}; got keys {sorted(feature_cfg)}")
+    feature_cfg = as_feature_config(feature_cfg)
     opts = knf.FbankOptions()
     frame = opts.frame_opts
-    frame.samp_freq = float(feature_cfg["sample_rate"])
-    frame.frame_length_ms = float(feature_cfg["frame_length_ms"])
-    frame.frame_shift_ms = float(feature_cfg["frame_shift_ms"])
+    frame.samp_freq = float(feature_cfg.sample_rate)
+    frame.frame_length_ms = float(feature_cfg.frame_length_ms)
+    frame.frame_shift_ms = float(feature_cfg.frame_shift_ms)
     frame.dither = 0.0  # knf defaults to 3e-5; the reference is deterministic
     frame.preemph_coeff = 0.97
     frame.remove_dc_offset = True
@@ -40,7 +40,7 @@ def fbank_options(feature_cfg: Mapping[str, Any]) -> knf.FbankOptions:
     frame.round_to_power_of_two = True
     frame.snip_edges = True
     mel = opts.mel_opts
-    mel.num_bins = int(feature_cfg["num_mel_bins"])
+    mel.num_bins = int(feature_cfg.num_mel_bins)
     mel.low_freq = LOW_FREQ_HZ
     mel.high_freq = 0.0  # Nyquist
     opts.use_energy = False
@@ -69,8 +69,9 @@ class FeatureStream:
     def __init__(self, feature_cfg: Mapping[str, Any], cmvn_mean: np.ndarray | None,
                  cmvn_std: np.ndarray | None):
         self._opts = fbank_options(feature_cfg)
-        self.sample_rate = int(feature_cfg["sample_rate"])
-        self.num_mel_bins = int(feature_cfg["num_mel_bins"])
+        feature_cfg = as_feature_config(feature_cfg)
+        self.sample_rate = int(feature_cfg.sample_rate)
+        self.num_mel_bins = int(feature_cfg.num_mel_bins)
         self._mean, self._std = _check_cmvn(cmvn_mean, cmvn_std, self.num_mel_bins)
         self._fbank = knf.OnlineFbank(self._opts)
         self._first = 0
@@ -163,6 +164,19 @@ class FeatureStream:
             keep = self._held - drop
             self._buffer[:keep] = self._buffer[drop:self._held]  # a few hundred frames at most
             self._held, self._first = keep, frame
+
+
+def as_feature_config(feature_cfg: FeatureConfig | Mapping[str, Any]) -> FeatureConfig:
+    """The typed ``features`` section (a dict is checked: unknown or missing keys are refused)."""
+    if isinstance(feature_cfg, FeatureConfig):
+        return feature_cfg
+    for key in ("sample_rate", "num_mel_bins", "frame_length_ms", "frame_shift_ms"):
+        if key not in feature_cfg:
+            raise ValueError(f"feature config needs {key!r}; got keys {sorted(feature_cfg)}")
+    try:
+        return FeatureConfig(**feature_cfg)
+    except TypeError as exc:
+        raise ValueError(f"feature config: {exc}") from None
 
 
 def _check_cmvn(mean: np.ndarray | None, std: np.ndarray | None,

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from echostream.contract import Config, as_config, duration_context, vocoder_hop
 from echostream.runtime.scheduler import Program, StageCall, drive
 
 NO_ID = -1  # "outside the utterance" in the stage windows
@@ -83,12 +84,12 @@ class SynthesisWindows:
     right: int
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "SynthesisWindows":
-        v = cfg["vocoder"]
-        out = cls(int(v["num_units"]), int(np.prod(v["upsample_rates"])),
-                  int(cfg["features"]["sample_rate"]), int(v["duration_window"]),
-                  2 * ((int(v["duration_kernel"]) - 1) // 2), int(v["window_left"]),
-                  int(v["window_chunk"]), int(v["window_right"]))
+    def from_config(cls, cfg: Config) -> "SynthesisWindows":
+        c = as_config(cfg)
+        v = c.vocoder
+        out = cls(v.num_units, vocoder_hop(c), c.features.sample_rate, v.duration_window,
+                  duration_context(v.duration_kernel), v.window_left, v.window_chunk,
+                  v.window_right)
         if out.dur_width <= 2 * out.dur_context:
             raise ValueError(f"duration_window must exceed 2 x duration context "
                              f"({2 * out.dur_context}), got {out.dur_width}")

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +27,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from echostream.atomic import atomic_file
+from echostream.runtime.artifacts import PRECISIONS
+from echostream.runtime.backends import BACKENDS
 from echostream.errors import EchoStreamError
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
 AUDIO_OUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
 
 
@@ -40,11 +40,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="audio file (WAV, FLAC, OGG, ...; any rate, any channels)")
     parser.add_argument("--artifacts", required=True, metavar="DIR",
                         help="artifacts folder written by `echostream export`")
-    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    parser.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime")
     parser.add_argument("--segment-ms", type=int, default=320, metavar="MS",
                         help="policy segment: a multiple of the Emformer segment, or exactly the chunk "
                              "Conformer's chunk x 40 ms (default 320)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="intra-op threads (onnxruntime backend)")
     parser.add_argument("--out", metavar="OUT.wav",
@@ -291,16 +291,11 @@ def _write_atomic(path: Path, force: bool, write: Callable[[str], None]) -> None
     """Write via a temp file in the same folder, then rename over ``path`` (never partial)."""
     if path.exists() and not force:  # appeared while we were translating
         raise EchoStreamError(f"{path} exists; pass --force to overwrite it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            write(tmp)
     except OSError as exc:
         raise EchoStreamError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_audio(path: str, samples: np.ndarray, sample_rate: int, fmt: str, subtype: str) -> None:

@@ -54,7 +54,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from echostream.contract import (STAGE_NAMES, encoder_has_valid_input, encoder_hop_frames,
+from echostream.contract import (STAGE_NAMES, as_config, encoder_has_valid_input, encoder_hop_frames,
                                  encoder_kind, encoder_step_frames, encoder_window_frames,
                                  encoder_window_lead, sentence_source_frames,
                                  sentence_target_tokens)
@@ -138,7 +138,8 @@ class Translator:
             raise ArtifactError(f"the translator needs every stage {list(STAGE_NAMES)}; "
                                 f"missing {missing}")
         self.stages = dict(stages)
-        self.config = dict(config)
+        self.config = dict(config)  # the manifest's form (JSON types)
+        self.cfg = as_config(self.config)  # the typed form everything here reads
         self.src_vocab, self.tgt_vocab = src_vocab, tgt_vocab
         self.cmvn_mean, self.cmvn_std = cmvn_mean, cmvn_std
         self.steps_per_segment = steps_per_segment(self.config, segment_ms)
@@ -148,13 +149,12 @@ class Translator:
         self.lead = encoder_window_lead(self.config)
         self.valid_input = encoder_has_valid_input(self.config)
         self.segment_length = encoder_step_frames(self.config)  # encoder frames per encoder call
-        self.right_context = int(self.config["encoder"]["right_context"])
+        self.right_context = self.cfg.encoder.right_context
         self.source_capacity = sentence_source_frames(self.config)
         self.target_capacity = sentence_target_tokens(self.config)
         self.synthesis = SynthesisWindows.from_config(self.config)
-        mt = self.config["mt"]
-        self.eos, self.pad = int(mt["eos"]), int(mt["pad"])
-        self.unit_offset = int(self.config["unit"]["unit_offset"])
+        self.eos, self.pad = self.cfg.mt.eos, self.cfg.mt.pad
+        self.unit_offset = self.cfg.unit.unit_offset
         if self.steps_per_segment * self.segment_length > self.source_capacity:
             raise SegmentSizeError(
                 f"segment_ms={segment_ms} holds {self.steps_per_segment * self.segment_length} "
@@ -209,13 +209,13 @@ class Translator:
             stream.sentence = self._sentence(stream.next_segment_frame)
 
     def _features(self) -> FeatureStream:
-        return FeatureStream(self.config["features"], self.cmvn_mean, self.cmvn_std)
+        return FeatureStream(self.cfg.features, self.cmvn_mean, self.cmvn_std)
 
     def _sentence(self, frame_base: int) -> Sentence:
         states = {name: self.stages[name].initial_state(1) for name in SENTENCE_STAGES}
         mt = MTState(self.stages["mt_decoder"].initial_state(1))
-        return Sentence(frame_base, states, text_ctc(self.config), text_ctc(self.config),
-                        unit_ctc(self.config), PolicyState(mt, capacity=self.target_capacity),
+        return Sentence(frame_base, states, text_ctc(self.cfg), text_ctc(self.cfg),
+                        unit_ctc(self.cfg), PolicyState(mt, capacity=self.target_capacity),
                         SynthesisState())
 
     def _check_owner(self, stream: Stream) -> None:
@@ -343,7 +343,7 @@ class Translator:
             outcome = yield from self._policy(s, counts, source_finished=True)
             events += yield from self._write_events(stream, outcome, source_ms, flush_speech=True)
         tgt = s.policy.committed
-        start_ms = s.frame_base * float(self.config["features"]["frame_shift_ms"])
+        start_ms = s.frame_base * float(self.cfg.features.frame_shift_ms)
         end = EndOfSentence(reason, source_ms, stream.clock.total_ms, start_ms,
                             self.src_vocab.decode(s.asr_ctc.tokens), self.tgt_vocab.decode(tgt),
                             tuple(tgt), s.num_samples)
@@ -395,8 +395,8 @@ class Translator:
 
     def _frames_ms(self, frames: int) -> float:
         """Audio (ms) that must have arrived for ``frames`` fbank frames to exist (snip_edges)."""
-        f = self.config["features"]
-        return (frames - 1) * f["frame_shift_ms"] + f["frame_length_ms"]
+        f = self.cfg.features
+        return (frames - 1) * f.frame_shift_ms + f.frame_length_ms
 
     def _asr_event(self, stream: Stream, before: int, source_ms: float) -> list[Event]:
         tokens = stream.sentence.asr_ctc.tokens
@@ -462,7 +462,7 @@ def steps_per_segment(config: Mapping[str, Any], segment_ms: int) -> int:
     """Encoder steps per policy segment; refuses a segment the exported encoder cannot serve."""
     if encoder_kind(config) == "conformer":
         return conformer_steps_per_segment(config, segment_ms)
-    seg_frames = int(config["encoder"]["segment_length"])
+    seg_frames = as_config(config).encoder.segment_length
     unit_ms = seg_frames * ENCODER_FRAME_MS
     if (not isinstance(segment_ms, (int, np.integer)) or segment_ms <= 0
             or segment_ms % unit_ms):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from echostream.contract import StageContract, st_ctc_contract
+from echostream.contract import StageContract, st_ctc_states, state_contract
 from echostream.models.attention import fifo_append
 from echostream.models.state import check_state, zero_state
 from echostream.models.transformer_layer import (
@@ -73,12 +73,8 @@ class CTCDecoderWithTransformerLayer(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(d_model) if layers > 0 else None
         self.ctc = CTCDecoder(d_model, vocab, dropout)
-        # Only the state specs of this contract are used (x's segment length is the exporter's).
-        self.contract: StageContract = st_ctc_contract({
-            "encoder": {"segment_length": 1, "d_model": d_model},
-            "ctc": {"st_layers": layers, "tgt_vocab_size": vocab},
-            "sentence": {"max_source_frames": left_context},
-        })
+        self.contract: StageContract = state_contract("st_ctc",
+                                                      st_ctc_states(layers, left_context, d_model))
 
     @classmethod
     def from_config(cls, cfg) -> "CTCDecoderWithTransformerLayer":

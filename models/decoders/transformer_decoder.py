@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from echostream.contract import StageContract, mt_decoder_contract, mt_source_contract
+from echostream.contract import StageContract, cross_cache_states, mt_self_states, state_contract
 from echostream.models.attention import fifo_append, right_aligned_valid
 from echostream.models.state import check_state, zero_state
 from echostream.models.transformer_layer import (
@@ -93,16 +93,10 @@ class TransformerMTDecoder(nn.Module):
             for _ in range(layers)
         )
         self.layer_norm = nn.LayerNorm(d_model)
-        cfg = {
-            "encoder": {"segment_length": 1, "d_model": encoder_dim},
-            "ctc": {"tgt_vocab_size": vocab},
-            "mt": {"num_layers": layers, "d_model": d_model},
-            "sentence": {"max_target_tokens": max_target_tokens,
-                         "max_source_frames": max_source_frames},
-        }
-        # Only the state specs are used (x's segment length is the exporter's business).
-        self.source_contract: StageContract = mt_source_contract(cfg)
-        self.contract: StageContract = mt_decoder_contract(cfg)
+        self.source_contract: StageContract = state_contract(
+            "mt_source", cross_cache_states(layers, max_source_frames, d_model))
+        self.contract: StageContract = state_contract(
+            "mt_decoder", mt_self_states(layers, max_target_tokens, d_model))
 
     @classmethod
     def from_config(cls, cfg) -> "TransformerMTDecoder":

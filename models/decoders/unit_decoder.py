@@ -46,9 +46,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from echostream.contract import StageContract, unit_decoder_contract
+from echostream.contract import StageContract, state_contract, unit_decoder_states
 from echostream.models.attention import constant_index, fifo_append, right_aligned_valid
-from echostream.models.config import UNIT_CROSS_ATTENTION
+from echostream.config import UNIT_CROSS_ATTENTION
 from echostream.models.decoders.transformer_decoder import SinusoidalPositions
 from echostream.models.state import check_state, zero_state
 from echostream.models.transformer_layer import (
@@ -154,12 +154,8 @@ class CTCTransformerUnitDecoder(nn.Module):
         positions = SinusoidalPositions(d_model, UNIT_PADDING_IDX)
         zero = torch.zeros(1, dtype=torch.int64)
         self.register_buffer("position", positions(zero, zero)[0], persistent=False)  # [D]
-        self.contract: StageContract = unit_decoder_contract({
-            "mt": {"d_model": d_model},
-            "sentence": {"max_target_tokens": text_capacity},
-            "unit": {"t2u_layers": t2u_layers, "num_layers": layers, "d_model": d_model,
-                     "upsample": upsample, "num_classes": num_classes},
-        })
+        self.contract: StageContract = state_contract("unit_decoder", unit_decoder_states(
+            t2u_layers, layers, text_capacity, upsample, d_model))
 
     @classmethod
     def from_config(cls, cfg) -> "CTCTransformerUnitDecoder":

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import VocoderConfig
+from echostream.config import VocoderConfig
+from echostream.contract import duration_context as contract_duration_context
 
 LRELU_SLOPE = 0.1  # fairseq hifigan.LRELU_SLOPE; the last activation uses F.leaky_relu's 0.01
 FINAL_LRELU_SLOPE = 0.01
@@ -242,7 +243,7 @@ def expand_units(units: Tensor, durations: Tensor) -> Tensor:
 
 def duration_context(cfg: VocoderConfig) -> int:
     """Units of context each side a duration prediction depends on (two k-convs)."""
-    return 2 * ((cfg.duration_kernel - 1) // 2)
+    return contract_duration_context(cfg.duration_kernel)
 
 
 def receptive_field(cfg: VocoderConfig) -> tuple[int, int]:

@@ -9,8 +9,9 @@ Three presets (DESIGN §3):
 - ``streamspeech_tiny``: the ``streamspeech`` structure with tiny dims (and the released 6000-piece
   vocabularies), for fast tests of the import and the chunk Conformer.
 
-The runtime never imports this module: it reads the same fields from ``manifest.json`` as a plain
-dict (``dataclasses.asdict`` of :class:`EchoStreamConfig`).
+The one typed config of the project, in the torch-free core: models, export, the contracts and the
+runtime all read it. ``manifest.json`` stores it as a plain dict (:meth:`EchoStreamConfig.to_dict`);
+the runtime rebuilds the typed form with :meth:`EchoStreamConfig.from_dict` (unknown keys refused).
 """
 from __future__ import annotations
 
