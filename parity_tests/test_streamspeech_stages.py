@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from echostream import cli
-from echostream.contract import STAGE_NAMES
+from echostream.contract import ALL_STAGE_NAMES
 from echostream.errors import EchoStreamError
 from echostream.runtime.artifacts import load_artifacts
 from echostream.runtime.events import AsrText, EndOfSentence, SpeechChunk, TranslationText
@@ -29,7 +29,7 @@ def artifacts(streamspeech_tiny_artifacts_dir):
 
 
 def test_every_stage_is_exported_with_the_conformer_contract(artifacts):
-    assert list(artifacts.stages) == list(STAGE_NAMES)
+    assert list(artifacts.stages) == list(ALL_STAGE_NAMES)
     contract = artifacts.contract("encoder")
     assert [t.name for t in contract.data_inputs] == ["x", "valid_frames"]
     assert contract.state_names == ["keys", "values", "subsample_context", "conv_context",

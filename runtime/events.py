@@ -19,18 +19,24 @@ import numpy as np
 
 @dataclass(frozen=True)
 class _TextEvent:
-    """Text with the token ids it decodes, stamped with the source time of its emission."""
+    """Text with the token ids it decodes, stamped with the source time of its emission.
+
+    ``replaces``: how many tokens of the text reported before this event it takes back first
+    (always 0 in the ``incremental`` fidelity mode, where nothing is retracted; the ``exact`` mode
+    reports StreamSpeech's agent, whose hypotheses can shrink: the ASR over a chunk still in
+    progress, the whole-word cut of the translation)."""
 
     text: str
     token_ids: tuple[int, ...]
     source_ms: float
     compute_ms: float = field(default=0.0, compare=False)  # wall-clock: not part of equality
+    replaces: int = 0
 
     kind = "text"
 
     def to_json(self) -> dict:
         return {"type": self.kind, "text": self.text, "token_ids": list(self.token_ids),
-                "source_ms": round(float(self.source_ms), 3),
+                "replaces": self.replaces, "source_ms": round(float(self.source_ms), 3),
                 "compute_ms": round(float(self.compute_ms), 3)}
 
 

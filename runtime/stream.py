@@ -73,7 +73,8 @@ class Sentence:
     synthesis: SynthesisState
     encoder_steps: int = 0
     num_samples: int = 0  # speech samples of this sentence
-    exact: Any = None  # the exact-fidelity bookkeeping (runtime/exact.py), when that mode runs
+    exact: Any = None  # the exact-fidelity bookkeeping (runtime/exact.py AgentBook)
+    agent: Any = None  # the exact mode's PyTorch reference agent (backend "torch")
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Stream:
     finished: bool = False  # input finished and every output (through EndOfStream) returned
     sentences: list[EndOfSentence] = field(default_factory=list)
     window: np.ndarray | None = None  # the encoder's fbank window, reused every step
+    calls: int = 0  # exact fidelity: agent calls made (one per segment of audio)
 
     # ---- audio input ----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import numpy as np
 from echostream.atomic import atomic_file
 from echostream.runtime.artifacts import PRECISIONS
 from echostream.runtime.backends import BACKENDS
+from echostream.runtime.translator import FIDELITIES
 from echostream.errors import EchoStreamError
 
 AUDIO_OUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
@@ -45,6 +46,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="policy segment: a multiple of the Emformer segment, or exactly the chunk "
                              "Conformer's chunk x 40 ms (default 320)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--fidelity", choices=FIDELITIES, default="incremental",
+                        help="incremental: O(1) per segment, committed tokens keep their states "
+                             "(default); exact: StreamSpeech's agent, call for call (re-decodes the "
+                             "sentence at every write; needs the artifacts' sentence graphs)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="intra-op threads (onnxruntime backend)")
     parser.add_argument("--out", metavar="OUT.wav",
@@ -225,7 +230,8 @@ def _load_translator(args: argparse.Namespace):
 
     options = {} if args.threads is None else {"threads": args.threads}
     return Translator.from_artifacts(args.artifacts, backend=args.backend, segment_ms=args.segment_ms,
-                                     precision=args.precision, rehash=args.verify, **options)
+                                     precision=args.precision, rehash=args.verify,
+                                     fidelity=args.fidelity, **options)
 
 
 # ---- printing -----------------------------------------------------------------------------------
