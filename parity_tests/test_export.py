@@ -296,7 +296,8 @@ def test_host_backends_never_write_into_their_inputs(tiny_artifacts, backend):
     for token in (2, 5, 7):
         snapshot = stage.copy_state(state)
         before = {k: v.copy() for k, v in state.items()}
-        _, state = stage.run({"x": np.array([token], np.int32)}, state, context)
+        _, state = stage.run({"x": np.array([token], np.int32), "is_pad": np.zeros(1, np.int32)},
+                             state, context)
         for name, value in snapshot.items():
             np.testing.assert_array_equal(value, before[name], err_msg=f"{backend} wrote into {name}")
         assert int(state["target_positions"][0]) == int(before["target_positions"][0]) + 1
