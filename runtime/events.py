@@ -90,7 +90,7 @@ class SpeechChunk:
                 "compute_ms": round(float(self.compute_ms), 3)}
 
 
-SENTENCE_END_REASONS = ("source_capacity", "target_capacity", "end_of_input")
+SENTENCE_END_REASONS = ("pause", "source_capacity", "target_capacity", "end_of_input")
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,9 @@ class EndOfSentence:
     """A sentence ended: its translation was decoded to ``</s>`` and its speech flushed; the
     decoder states restart with the next segment.
 
-    ``reason``: ``"source_capacity"`` (the next segment would not fit the sentence's
-    ``max_source_frames``), ``"target_capacity"`` (``max_target_tokens`` tokens committed) or
-    ``"end_of_input"``. ``start_ms`` is where the sentence's audio began; the texts, ids and
+    ``reason``: ``"pause"`` (the endpoint rule: text, then a pause), ``"source_capacity"`` (the
+    next segment would not fit the sentence's ``max_source_frames``), ``"target_capacity"``
+    (``max_target_tokens`` tokens committed) or ``"end_of_input"``. ``start_ms`` is where the sentence's audio began; the texts, ids and
     ``num_samples`` are the sentence's own.
     """
 

@@ -73,6 +73,7 @@ class Sentence:
     synthesis: SynthesisState
     encoder_steps: int = 0
     num_samples: int = 0  # speech samples of this sentence
+    encoder_origin: int | None = None  # where the encoder state began (frames before it: zeros)
     exact: Any = None  # the exact-fidelity bookkeeping (runtime/exact.py AgentBook)
     agent: Any = None  # the exact mode's PyTorch reference agent (backend "torch")
 

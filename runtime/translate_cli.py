@@ -30,6 +30,7 @@ import numpy as np
 from echostream.atomic import atomic_file
 from echostream.runtime.artifacts import PRECISIONS
 from echostream.runtime.backends import BACKENDS
+from echostream.runtime.endpoint import EndpointConfig
 from echostream.runtime.translator import FIDELITIES
 from echostream.errors import EchoStreamError
 
@@ -46,6 +47,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="policy segment: a multiple of the Emformer segment, or exactly the chunk "
                              "Conformer's chunk x 40 ms (default 320)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--endpoint", action=argparse.BooleanOptionalAction, default=None,
+                        help="end sentences at pauses (the ASR head's blanks; default: on, off "
+                             "with --fidelity exact)")
+    parser.add_argument("--endpoint-after-text-ms", type=float, default=1000.0, metavar="MS",
+                        help="a pause after text this long ends the sentence (default 1000)")
+    parser.add_argument("--endpoint-no-text-ms", type=float, default=3000.0, metavar="MS",
+                        help="silence without text this long restarts the sentence (default 3000)")
+    parser.add_argument("--carry-encoder", action="store_true",
+                        help="keep the Emformer's state across sentences (default: fresh, as "
+                             "StreamSpeech trains)")
     parser.add_argument("--fidelity", choices=FIDELITIES, default="incremental",
                         help="incremental: O(1) per segment, committed tokens keep their states "
                              "(default); exact: StreamSpeech's agent, call for call (re-decodes the "
@@ -146,6 +157,20 @@ class TranslationRun:
             written += len(chunk.samples)
         return np.concatenate(pieces)
 
+    def sentence_reports(self) -> list[dict[str, Any]]:
+        """Per sentence (up to each ``EndOfSentence``): its texts, reason and latency metrics."""
+        out, delays, wall, segments = [], [], [], []
+        for event, w in zip(self.events, self.wall_ms):
+            if event.kind == "translation":
+                delays += [max(event.source_ms, 0.0)] * len(event.token_ids)
+                wall += [w] * len(event.token_ids)
+            elif event.kind == "speech" and len(event.samples):
+                segments.append(((event.source_ms, event.duration_ms), w))
+            elif event.kind == "end_of_sentence":
+                out.append(_sentence_report(event, delays, wall, segments))
+                delays, wall, segments = [], [], []
+        return out
+
     def report(self, info, args: argparse.Namespace) -> dict[str, Any]:
         """The JSON document: input, settings, events, texts, metrics, compute."""
         from echostream.runtime.metrics import speech_latency, text_latency
@@ -159,6 +184,7 @@ class TranslationRun:
         wall_s = (self.wall_ms[-1] if self.wall_ms else 0.0) / 1000.0
         events = [dict(e.to_json(), wall_ms=round(w, 3)) for e, w in zip(self.events, self.wall_ms)]
         return {
+            "sentences": self.sentence_reports(),
             "input": info.to_dict(),
             "artifacts": str(args.artifacts), "backend": args.backend,
             "precision": args.precision, "segment_ms": args.segment_ms,
@@ -179,6 +205,20 @@ class TranslationRun:
                         "stages": self.stage_clock},
             "events": events,
         }
+
+
+def _sentence_report(end, delays: list[float], wall: list[float],
+                     segments: list) -> dict[str, Any]:
+    """SimulEval's latency within one sentence: delays from its start, its own duration."""
+    from echostream.runtime.metrics import speech_latency, text_latency
+
+    length = max(end.source_ms - end.start_ms, 1e-3)
+    return {"reason": end.reason, "start_ms": end.start_ms, "end_ms": end.source_ms,
+            "asr_text": end.asr_text, "translation_text": end.translation_text,
+            "metrics": {"text": dict(text_latency([d - end.start_ms for d in delays], length, wall),
+                                     unit="token"),
+                        "speech": speech_latency([(d - end.start_ms, dur) for (d, dur), _ in segments],
+                                                 length, [w for _, w in segments])}}
 
 
 def translate_file(translator, info, segment_ms: int,
@@ -226,12 +266,24 @@ def translate_file(translator, info, segment_ms: int,
 
 
 def _load_translator(args: argparse.Namespace):
+    options = {} if args.threads is None else {"threads": args.threads}
+    endpoint = args.endpoint if args.endpoint is not None else args.fidelity != "exact"
+    try:
+        rules = EndpointConfig(args.endpoint_after_text_ms, args.endpoint_no_text_ms,
+                               args.carry_encoder) if endpoint else None
+        return _from_artifacts(args, rules, options)
+    except ValueError as exc:
+        if isinstance(exc, EchoStreamError):
+            raise
+        raise EchoStreamError(str(exc)) from None
+
+
+def _from_artifacts(args: argparse.Namespace, rules, options: dict):
     from echostream.runtime.translator import Translator
 
-    options = {} if args.threads is None else {"threads": args.threads}
     return Translator.from_artifacts(args.artifacts, backend=args.backend, segment_ms=args.segment_ms,
                                      precision=args.precision, rehash=args.verify,
-                                     fidelity=args.fidelity, **options)
+                                     fidelity=args.fidelity, endpoint=rules, **options)
 
 
 # ---- printing -----------------------------------------------------------------------------------
@@ -247,6 +299,8 @@ def _print_event(event) -> None:
     elif event.kind == "end_of_sentence" and event.capacity:
         print(f"{stamp} {'sentence':<12} ended at the {event.reason.replace('_', ' ')} "
               f"(a longer sentence does not fit the exported windows)", flush=True)
+    elif event.kind == "end_of_sentence" and event.reason == "pause":
+        print(f"{stamp} {'sentence':<12} {event.translation_text}", flush=True)
 
 
 def _print_summary(run: TranslationRun, report: dict[str, Any], args: argparse.Namespace) -> None:

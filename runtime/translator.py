@@ -63,6 +63,7 @@ from echostream.errors import ArtifactError, EchoStreamError
 from echostream.runtime.ctc import text_ctc, unit_ctc
 from echostream.runtime.events import (AsrText, EndOfSentence, EndOfStream, Event, SpeechChunk,
                                        TranslationText)
+from echostream.runtime.endpoint import EndpointConfig, decide
 from echostream.runtime.exact import AgentBook, CallOutcome, agent_call, torch_call
 from echostream.runtime.features import FeatureStream
 from echostream.runtime.policy import (CtcCounts, MTState, PolicyConfig, PolicyOutcome,
@@ -135,7 +136,8 @@ class Translator:
                  src_vocab: Vocabulary, tgt_vocab: Vocabulary,
                  cmvn_mean: np.ndarray | None = None, cmvn_std: np.ndarray | None = None,
                  segment_ms: int = 320, policy: PolicyConfig | None = None,
-                 fidelity: str = "incremental", exact_agent: Callable[[], Any] | None = None):
+                 fidelity: str = "incremental", exact_agent: Callable[[], Any] | None = None,
+                 endpoint: EndpointConfig | None = None):
         if fidelity not in FIDELITIES:
             raise ValueError(f"fidelity expected one of {list(FIDELITIES)}, got {fidelity!r}")
         needed = required_stages(fidelity, exact_agent is not None)
@@ -147,6 +149,7 @@ class Translator:
                                     if "unit_sentence" in missing else ""))
         self.fidelity = fidelity
         self.exact_agent = exact_agent  # fidelity "exact" on the PyTorch reference agent
+        self.endpoint = endpoint
         self.stages = dict(stages)
         self.config = dict(config)  # the manifest's form (JSON types)
         self.cfg = as_config(self.config)  # the typed form everything here reads
@@ -167,6 +170,7 @@ class Translator:
         self.unit_offset = self.cfg.unit.unit_offset
         if fidelity == "exact":
             check_exact(self.cfg, segment_ms)
+        check_endpoint(endpoint, fidelity, self.cfg)
         if self.steps_per_segment * self.segment_length > self.source_capacity:
             raise SegmentSizeError(
                 f"segment_ms={segment_ms} holds {self.steps_per_segment * self.segment_length} "
@@ -181,6 +185,7 @@ class Translator:
     def from_artifacts(cls, path: str | Path, backend: str = "onnxruntime", segment_ms: int = 320,
                        precision: str = "fp32", policy: PolicyConfig | None = None,
                        rehash: bool = False, fidelity: str = "incremental",
+                       endpoint: EndpointConfig | None = None,
                        **backend_opts: Any) -> "Translator":
         """Load an exported artifacts folder on ``backend`` ("onnxruntime", "tensorrt", "torch").
 
@@ -191,11 +196,14 @@ class Translator:
 
         artifacts = load_artifacts(path, precision, rehash=rehash)
         steps_per_segment(artifacts.config, segment_ms)  # refuse before loading any graph
-        return cls.from_loaded(artifacts, backend, segment_ms, policy, fidelity, **backend_opts)
+        check_endpoint(endpoint, fidelity, as_config(artifacts.config))  # before loading graphs
+        return cls.from_loaded(artifacts, backend, segment_ms, policy, fidelity, endpoint,
+                               **backend_opts)
 
     @classmethod
     def from_loaded(cls, artifacts: Any, backend: str = "onnxruntime", segment_ms: int = 320,
                     policy: PolicyConfig | None = None, fidelity: str = "incremental",
+                    endpoint: EndpointConfig | None = None,
                     **backend_opts: Any) -> "Translator":
         """A translator over already loaded (verified) ``Artifacts`` on ``backend``.
 
@@ -220,7 +228,7 @@ class Translator:
         stages = load_stages(artifacts, backend, needed, **backend_opts)
         return cls(stages, artifacts.config, _vocabulary(artifacts, "src"),
                    _vocabulary(artifacts, "tgt"), artifacts.cmvn_mean, artifacts.cmvn_std,
-                   segment_ms, policy, fidelity, agent)
+                   segment_ms, policy, fidelity, agent, endpoint)
 
     # ---- streams ---------------------------------------------------------------------------------
 
@@ -299,6 +307,8 @@ class Translator:
             if stream.sentence.policy.full:
                 events += yield from self._end_sentence(stream, "target_capacity",
                                                         self._processed_ms(stream.sentence))
+            elif self.endpoint is not None:
+                events += yield from self._endpoint(stream)
         if stream.input_done and not stream.finished:
             events += yield from self._final_step(stream)
 
@@ -412,6 +422,27 @@ class Translator:
 
     # ---- capacity ----------------------------------------------------------------------------
 
+    def _endpoint(self, stream: Stream) -> Program:
+        """The endpoint rules after a segment (``runtime/endpoint.py``)."""
+        s = stream.sentence
+        rule = decide(s.asr_ctc.trailing_blank * ENCODER_FRAME_MS, s.asr_ctc.count > 0,
+                      self.endpoint)
+        if rule == "pause":
+            return (yield from self._end_sentence(stream, "pause", self._processed_ms(s)))
+        if rule == "silence" and not s.policy.committed:
+            stream.sentence = self._next_sentence(stream)  # nothing was said: no event
+        return []
+
+    def _next_sentence(self, stream: Stream) -> Sentence:
+        """A fresh sentence at the next unprocessed segment; with ``carry_encoder`` the encoder
+        state goes on (and the frames before the sentence stay real to it)."""
+        old = stream.sentence
+        new = self._sentence(stream.next_segment_frame)
+        if self.endpoint is not None and self.endpoint.carry_encoder:
+            new.states["encoder"] = old.states["encoder"]
+            new.encoder_origin = old.frame_base if old.encoder_origin is None else old.encoder_origin
+        return new
+
     def _source_full(self, s: Sentence, steps: int) -> bool:
         """``steps`` more encoder steps would overflow the sentence's source capacity."""
         return (s.encoder_steps + steps) * self.segment_length > self.source_capacity
@@ -492,7 +523,7 @@ class Translator:
                             tuple(tgt), s.num_samples)
         stream.sentences.append(end)
         if reason != "end_of_input":
-            stream.sentence = self._sentence(stream.next_segment_frame)
+            stream.sentence = self._next_sentence(stream)
         return events + [end]
 
     def _encoder_step(self, stream: Stream, valid: int, end: int | None = None) -> Program:
@@ -519,7 +550,9 @@ class Translator:
         (``4C``; fewer only in the last chunk at end of input, or in the exact mode's partial
         chunk, which the graph then computes as the full pass over the shorter sentence does)."""
         end = stream.features.num_frames if end is None else end
-        inputs = {"x": self._window_frames(stream, start, stream.sentence.frame_base, end)}
+        s = stream.sentence
+        first = s.frame_base if s.encoder_origin is None else s.encoder_origin
+        inputs = {"x": self._window_frames(stream, start, first, end)}
         if self.valid_input:
             real = end - (start + self.lead)
             inputs["valid_frames"] = np.array([min(max(real, 1), self.hop)], np.int32)
@@ -595,6 +628,18 @@ def required_stages(fidelity: str, reference_agent: bool = False) -> tuple[str, 
     if fidelity == "exact" and not reference_agent:
         return STAGE_NAMES + EXACT_STAGE_NAMES
     return STAGE_NAMES
+
+
+def check_endpoint(endpoint: EndpointConfig | None, fidelity: str, cfg) -> None:
+    """Refuse endpoint settings the mode or the encoder cannot honour (one line)."""
+    if endpoint is None:
+        return
+    if fidelity == "exact":
+        raise ValueError("endpointing is off in the exact fidelity mode (StreamSpeech's agent "
+                         "translates one utterance); pass no endpoint with --fidelity exact")
+    if endpoint.carry_encoder and cfg.encoder.kind != "emformer":
+        raise ValueError("carry_encoder needs the Emformer: the chunk Conformer's cache is the "
+                         "sentence itself")
 
 
 def check_exact(cfg, segment_ms: int) -> None:

@@ -1,0 +1,53 @@
+"""Endpointing: where a sentence ends in an endless stream, from the ASR CTC output alone.
+
+sherpa-onnx's endpoint rules, on the ASR head's greedy labels (blank = nothing said in that 40 ms
+encoder frame), checked after every policy segment:
+
+1. **pause**: the sentence has text and its last ``after_text_ms`` were blank -> the sentence
+   ends: its translation is decoded to ``</s>``, its speech flushed, an ``EndOfSentence`` reports
+   it, and the next segment starts a new sentence;
+2. **silence**: the sentence has no text yet and ``no_text_ms`` were blank -> the sentence
+   restarts silently (no event: nothing was said), so a long silence never fills the caches;
+3. **capacity**: the sentence capacity (``sentence.max_source_frames`` / ``max_target_tokens``)
+   ends it too; that endpoint is the translator's (``EndOfSentence`` says ``*_capacity``).
+
+Whether the encoder state carries across sentences is ``carry_encoder``: off by default, which is
+what StreamSpeech was trained for (every training utterance starts from a fresh encoder); on, the
+Emformer continues with its memory and left context (the chunk Conformer's cache is the sentence
+itself and cannot carry).
+
+Examples:
+    >>> rule = EndpointConfig(after_text_ms=800)
+    >>> decide(trailing_blank_ms=960, has_text=True, cfg=rule)
+    'pause'
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENCODER_FRAME_MS = 40
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """The endpoint rules' thresholds, in milliseconds of blank ASR frames."""
+
+    after_text_ms: float = 1000.0
+    no_text_ms: float = 3000.0
+    carry_encoder: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("after_text_ms", "no_text_ms"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"endpoint {name} expected > 0 ms, got {value}")
+
+
+def decide(trailing_blank_ms: float, has_text: bool, cfg: EndpointConfig) -> str | None:
+    """The rule that fires: "pause" (text, then ``after_text_ms`` of blank), "silence" (no text,
+    ``no_text_ms`` of blank) or None."""
+    if has_text and trailing_blank_ms >= cfg.after_text_ms:
+        return "pause"
+    if not has_text and trailing_blank_ms >= cfg.no_text_ms:
+        return "silence"
+    return None
