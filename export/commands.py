@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from echostream.config import PRESETS
 from echostream.contract import ALL_STAGE_NAMES, EXACT_STAGE_NAMES, STAGE_NAMES, stage_contract
 from echostream.atomic import atomic_folder
 from echostream.runtime.artifacts import PRECISIONS
@@ -29,7 +30,7 @@ PLACEHOLDER_NOTICE = ("notice: {name}: the vocabularies are generated placeholde
 
 def configure(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="export a seeded model of this preset (echostream, streamspeech, tiny)")
+    src.add_argument("--preset", help=f"export a seeded model of this preset ({', '.join(sorted(PRESETS))})")
     src.add_argument("--checkpoint", type=Path, help="export a checkpoint folder (config.json + *.safetensors)")
     parser.add_argument("--out", type=Path, help="output folder (default: engines/<config name>)")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")

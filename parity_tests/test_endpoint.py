@@ -2,8 +2,8 @@
 sentences with pauses through the real graphs.
 
 The seeded tiny model's ASR head has random weights and emits its prior on silence too, so the
-stream tests wrap its encoder stage in ``bench/silence.py``'s stand-in for a trained head's
-blanks on silence (the encoder output and every other stage stay the real graphs).
+stream tests turn on the endpoint's energy gate (``silence_floor``): encoder frames of digital
+silence read as blank, as a trained head's output would (every graph output stays the graph's).
 
 Why it can fail: the trailing-blank count crosses chunk and segment boundaries; an endpoint
 decided after a segment must start the next sentence exactly at the next segment (audio after
@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from echostream.bench.silence import silence_aware
 from echostream.runtime.ctc import IncrementalCTC
-from echostream.runtime.endpoint import EndpointConfig, decide
+from echostream.runtime.endpoint import (DIGITAL_SILENCE_LOG_MEL, EndpointConfig, blank_where,
+                                         decide, silent_rows)
 from echostream.runtime.events import (AsrText, EndOfSentence, EndOfStream, SpeechChunk,
                                        TranslationText)
 from echostream.runtime.policy import PolicyConfig
@@ -26,7 +26,7 @@ from echostream.runtime.translator import Translator
 from test_chunking_invariance import projection
 from test_translator import SR, bursts, ids, translate
 
-RULES = EndpointConfig(after_text_ms=800, no_text_ms=2000)
+RULES = EndpointConfig(after_text_ms=800, no_text_ms=2000, silence_floor=DIGITAL_SILENCE_LOG_MEL)
 POLICY = PolicyConfig(final_max_len=10)
 
 
@@ -47,6 +47,21 @@ def test_rules():
     assert decide(5000, True, RULES) == "pause"
     with pytest.raises(ValueError, match="after_text_ms expected > 0"):
         EndpointConfig(after_text_ms=0)
+
+
+def test_energy_gate_blanks_only_silent_frames():
+    mean, std = np.full(80, 5.0, np.float32), np.full(80, 2.0, np.float32)
+    raw = np.full((3 + 4 * 3, 80), 8.0, np.float32)  # lead 3, three encoder frames of 4
+    raw[3 + 4:3 + 8] = -15.9  # the second encoder frame is digital silence
+    raw[3 + 8:3 + 12] = -15.9
+    raw[3 + 11, 7] = 2.0  # one loud bin in the third frame: not silent
+    window = (raw - mean) / std
+    silent = silent_rows(window, 3, 3, 4, DIGITAL_SILENCE_LOG_MEL, mean, std)
+    assert silent.tolist() == [False, True, False]
+    logp = frames(3, 5, 6)
+    gated = blank_where(logp, silent, blank=0)
+    assert gated.argmax(1).tolist() == [3, 0, 6] and np.array_equal(gated[[0, 2]], logp[[0, 2]])
+    assert blank_where(logp, np.zeros(3, bool), 0) is logp
 
 
 def test_trailing_blank_counts_across_chunks():
@@ -80,8 +95,8 @@ def sentences_with_pauses(n: int, pause_s: float = 1.6) -> tuple[np.ndarray, lis
 
 @pytest.fixture(scope="module")
 def translator(tiny_artifacts_dir) -> Translator:
-    return silence_aware(Translator.from_artifacts(tiny_artifacts_dir, policy=POLICY,
-                                                   endpoint=RULES, deterministic=True))
+    return Translator.from_artifacts(tiny_artifacts_dir, policy=POLICY, endpoint=RULES,
+                                     deterministic=True)
 
 
 def test_n_sentences_give_n_endpoints_each_equal_to_a_fresh_stream(translator):
@@ -121,14 +136,23 @@ def test_chunking_invariance_holds_across_endpoints(translator):
         assert projection(got) == projection(whole)
 
 
+def test_without_the_gate_random_weights_hide_the_pauses(tiny_artifacts_dir):
+    ungated = Translator.from_artifacts(tiny_artifacts_dir, policy=POLICY, deterministic=True,
+                                        endpoint=EndpointConfig(800, 2000))
+    audio, _ = sentences_with_pauses(3)
+    events, _ = translate(ungated, audio, 4000)
+    assert "pause" not in [e.reason for e in events if isinstance(e, EndOfSentence)]
+
+
 def test_silence_without_text_restarts_quietly(translator):
     events, _ = translate(translator, np.zeros(6 * SR, np.float32), 8000)
     assert [e.reason for e in events if isinstance(e, EndOfSentence)] == ["end_of_input"]
 
 
 def test_carry_encoder_and_its_refusals(tiny_artifacts_dir, streamspeech_tiny_artifacts_dir):
-    carry = silence_aware(Translator.from_artifacts(
-        tiny_artifacts_dir, policy=POLICY, endpoint=EndpointConfig(800, 2000, carry_encoder=True)))
+    carry = Translator.from_artifacts(
+        tiny_artifacts_dir, policy=POLICY,
+        endpoint=EndpointConfig(800, 2000, carry_encoder=True, silence_floor=DIGITAL_SILENCE_LOG_MEL))
     audio, _ = sentences_with_pauses(2)
     events, _ = translate(carry, audio, 4000)
     assert [e.reason for e in events if isinstance(e, EndOfSentence)] == ["pause", "pause",

@@ -100,8 +100,8 @@ class EndOfSentence:
 
     ``reason``: ``"pause"`` (the endpoint rule: text, then a pause), ``"source_capacity"`` (the
     next segment would not fit the sentence's ``max_source_frames``), ``"target_capacity"``
-    (``max_target_tokens`` tokens committed) or ``"end_of_input"``. ``start_ms`` is where the sentence's audio began; the texts, ids and
-    ``num_samples`` are the sentence's own.
+    (``max_target_tokens`` tokens committed) or ``"end_of_input"``. ``start_ms`` is where the
+    sentence's audio began; the texts, ids and ``num_samples`` are the sentence's own.
     """
 
     reason: str

@@ -21,9 +21,10 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -54,6 +55,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a pause after text this long ends the sentence (default 1000)")
     parser.add_argument("--endpoint-no-text-ms", type=float, default=3000.0, metavar="MS",
                         help="silence without text this long restarts the sentence (default 3000)")
+    parser.add_argument("--endpoint-silence-floor", type=float, default=None, metavar="LOGMEL",
+                        help="energy gate: encoder frames whose every mel bin lies below this raw "
+                             "log-mel read as blank (digital silence is -15.9, speech > 0; the "
+                             "seeded random-weight presets need -15 to see pauses; default: off)")
     parser.add_argument("--carry-encoder", action="store_true",
                         help="keep the Emformer's state across sentences (default: fresh, as "
                              "StreamSpeech trains)")
@@ -90,14 +95,14 @@ def main(args: argparse.Namespace) -> int:
         if vocab.notice:
             print(vocab.notice, file=sys.stderr)
             break
-    run = translate_file(translator, info, args.segment_ms, on_event=None if args.quiet else _print_event)
+    on_event = None if args.quiet else _print_event
+    if "out" in outputs:  # speech goes to disk as it comes: memory stays flat over hours of input
+        with _speech_file(outputs["out"], args) as speech:
+            run = translate_file(translator, info, args.segment_ms, on_event, speech.write)
+    else:
+        run = translate_file(translator, info, args.segment_ms, on_event)
     report = run.report(info, args)
     _print_summary(run, report, args)
-    if "out" in outputs:
-        samples = run.timeline_samples() if args.timeline else run.samples()
-        fmt = AUDIO_OUT_FORMATS[outputs["out"].suffix.lower()]
-        _write_atomic(outputs["out"], args.force,
-                      lambda p: _write_audio(p, samples, run.sample_rate, *fmt))
     if "json" in outputs:
         text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
         _write_atomic(outputs["json"], args.force, lambda p: Path(p).write_text(text, encoding="utf-8"))
@@ -107,9 +112,106 @@ def main(args: argparse.Namespace) -> int:
 # ---- running ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SpeechNote:
+    """A ``SpeechChunk`` as a run keeps it: everything but the samples."""
+
+    num_samples: int
+    sample_rate: int
+    source_ms: float
+    unit_ids: tuple[int, ...]
+    compute_ms: float
+    record: dict = field(compare=False, repr=False)  # the chunk's to_json()
+
+    kind = "speech"
+
+    @classmethod
+    def of(cls, chunk) -> "SpeechNote":
+        return cls(len(chunk.samples), chunk.sample_rate, chunk.source_ms, tuple(chunk.unit_ids),
+                   chunk.compute_ms, chunk.to_json())
+
+    @property
+    def duration_ms(self) -> float:
+        return 1000.0 * self.num_samples / self.sample_rate
+
+    def to_json(self) -> dict:
+        return self.record
+
+
+class SpeechFile:
+    """Translated speech written chunk by chunk to ``path`` (opened at the first chunk, at its
+    sample rate; an empty 16 kHz file if no chunk came). ``timeline``: silences inserted where the
+    output waited for the source, on SimulEval's listening timeline (``metrics.speech_intervals``:
+    a chunk starts at max(its delay, the previous chunk's end), the first at its own delay).
+    ``shown``: the file name errors name (the user's, not the temp file's)."""
+
+    def __init__(self, path: str, fmt: str, subtype: str, timeline: bool, shown: Path):
+        self.path, self.fmt, self.subtype, self.timeline, self.shown = path, fmt, subtype, timeline, shown
+        self.file = None
+        self.written = 0
+        self.origin_ms = self.prev_end_ms = 0.0
+
+    def write(self, chunk) -> None:
+        if not len(chunk.samples):
+            return
+        if self.file is None:
+            self._open(chunk.sample_rate)
+            self.origin_ms = self.prev_end_ms = chunk.source_ms
+        if self.timeline:
+            start = max(self.prev_end_ms, chunk.source_ms)
+            gap = int(round((start - self.origin_ms) * chunk.sample_rate / 1000.0)) - self.written
+            if gap > 0:
+                self._append(np.zeros(gap, np.float32))
+            self.prev_end_ms = start + chunk.duration_ms
+        self._append(chunk.samples)
+
+    def close(self) -> None:
+        if self.file is None:
+            self._open(16000)
+        self._checked(self.file.close)
+
+    def abandon(self) -> None:
+        """Close without finishing (the temp file is deleted by the caller)."""
+        if self.file is not None:
+            self.file.close()
+
+    def _open(self, sample_rate: int) -> None:
+        import soundfile
+
+        self.file = self._checked(lambda: soundfile.SoundFile(
+            self.path, "w", sample_rate, 1, self.subtype, format=self.fmt))
+
+    def _append(self, samples: np.ndarray) -> None:
+        self._checked(lambda: self.file.write(np.clip(np.asarray(samples, np.float32), -1.0, 1.0)))
+        self.written += len(samples)
+
+    def _checked(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except OSError as exc:
+            raise EchoStreamError(f"cannot write {self.shown}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def _speech_file(path: Path, args: argparse.Namespace) -> Iterator[SpeechFile]:
+    """A :class:`SpeechFile` on a temp file beside ``path``, renamed over it only when the whole
+    run succeeded (never partial; an existing file only with ``--force``)."""
+    with atomic_file(path) as tmp:
+        speech = SpeechFile(tmp, *AUDIO_OUT_FORMATS[path.suffix.lower()], args.timeline, path)
+        try:
+            yield speech
+        except BaseException:
+            speech.abandon()
+            raise
+        speech.close()
+        if path.exists() and not args.force:  # appeared while we were translating
+            raise EchoStreamError(f"{path} exists; pass --force to overwrite it")
+
+
 @dataclass
 class TranslationRun:
-    """Every event of one file, with the wall-clock compute time when each one was returned.
+    """Every event of one file, with the wall-clock compute time when each one was returned
+    (speech events as :class:`SpeechNote`: their samples went to ``on_speech``, not into memory).
 
     ``wall_ms[i]``: milliseconds spent inside ``accept_waveform`` + ``decode`` (file reading
     excluded) up to the end of the call that returned ``events[i]`` -- SimulEval's "elapsed" minus
@@ -130,45 +232,24 @@ class TranslationRun:
         ends = self.of_kind("end")
         return ends[-1][0] if ends else None
 
-    def samples(self) -> np.ndarray:
-        """All translated speech [n] float32, chunks joined."""
-        chunks = [e.samples for e, _ in self.of_kind("speech")]
-        return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-
     def speech_segments(self) -> list[tuple[tuple[float, float], float]]:
         """((delay_ms, duration_ms), wall_ms) of every chunk that carries samples."""
-        return [((e.source_ms, e.duration_ms), w) for e, w in self.of_kind("speech") if len(e.samples)]
-
-    def timeline_samples(self) -> np.ndarray:
-        """Speech on SimulEval's listening timeline: silence wherever output waited for the source."""
-        from echostream.runtime.metrics import speech_intervals
-
-        chunks = [e for e, _ in self.of_kind("speech") if len(e.samples)]
-        if not chunks:
-            return np.zeros(0, np.float32)
-        intervals = speech_intervals([(e.source_ms, e.duration_ms) for e in chunks])
-        origin, pieces, written = intervals[0][0], [], 0
-        for chunk, (start, _) in zip(chunks, intervals):
-            gap = int(round((start - origin) * self.sample_rate / 1000.0)) - written
-            if gap > 0:
-                pieces.append(np.zeros(gap, np.float32))
-                written += gap
-            pieces.append(chunk.samples.astype(np.float32))
-            written += len(chunk.samples)
-        return np.concatenate(pieces)
+        return [((e.source_ms, e.duration_ms), w) for e, w in self.of_kind("speech") if e.num_samples]
 
     def sentence_reports(self) -> list[dict[str, Any]]:
-        """Per sentence (up to each ``EndOfSentence``): its texts, reason and latency metrics."""
-        out, delays, wall, segments = [], [], [], []
+        """Per sentence (up to each ``EndOfSentence``): its texts, reason and latency metrics,
+        each sentence an instance of its own (source delays from its start, compute from the end
+        of the previous sentence)."""
+        out, delays, wall, segments, began = [], [], [], [], 0.0
         for event, w in zip(self.events, self.wall_ms):
             if event.kind == "translation":
                 delays += [max(event.source_ms, 0.0)] * len(event.token_ids)
-                wall += [w] * len(event.token_ids)
-            elif event.kind == "speech" and len(event.samples):
-                segments.append(((event.source_ms, event.duration_ms), w))
+                wall += [w - began] * len(event.token_ids)
+            elif event.kind == "speech" and event.num_samples:
+                segments.append(((event.source_ms, event.duration_ms), w - began))
             elif event.kind == "end_of_sentence":
                 out.append(_sentence_report(event, delays, wall, segments))
-                delays, wall, segments = [], [], []
+                delays, wall, segments, began = [], [], [], w
         return out
 
     def report(self, info, args: argparse.Namespace) -> dict[str, Any]:
@@ -191,7 +272,7 @@ class TranslationRun:
             "asr_text": end.asr_text if end else "",
             "translation_text": end.translation_text if end else "",
             "speech": {"file": args.out, "sample_rate": self.sample_rate,
-                       "num_samples": int(sum(len(e.samples) for e, _ in self.of_kind("speech"))),
+                       "num_samples": int(sum(e.num_samples for e, _ in self.of_kind("speech"))),
                        "timeline": bool(args.timeline)},
             "metrics": {
                 "source_ms": self.source_ms,
@@ -222,7 +303,8 @@ def _sentence_report(end, delays: list[float], wall: list[float],
 
 
 def translate_file(translator, info, segment_ms: int,
-                   on_event: Callable[[Any], None] | None = None) -> TranslationRun:
+                   on_event: Callable[[Any], None] | None = None,
+                   on_speech: Callable[[Any], None] | None = None) -> TranslationRun:
     """Feed ``info.path`` block by block (one policy segment each) and collect every event.
 
     Args:
@@ -230,6 +312,8 @@ def translate_file(translator, info, segment_ms: int,
         info: the file's ``AudioInfo`` (already validated).
         segment_ms: block length; one block per policy segment, as SimulEval feeds an agent.
         on_event: called with each event as soon as it is returned.
+        on_speech: called with each ``SpeechChunk`` (samples and all) before the run keeps only
+            its :class:`SpeechNote`.
     """
     from echostream.runtime.audio import iter_audio_blocks
 
@@ -243,10 +327,14 @@ def translate_file(translator, info, segment_ms: int,
         events = call() or []
         spent += time.perf_counter() - start
         for event in events:
-            run.events.append(event)
-            run.wall_ms.append(1000.0 * spent)
             if on_event is not None:
                 on_event(event)
+            if event.kind == "speech":
+                if on_speech is not None:
+                    on_speech(event)
+                event = SpeechNote.of(event)
+            run.events.append(event)
+            run.wall_ms.append(1000.0 * spent)
 
     def feed(block: np.ndarray) -> list:
         stream.accept_waveform(info.sample_rate, block)
@@ -268,9 +356,12 @@ def translate_file(translator, info, segment_ms: int,
 def _load_translator(args: argparse.Namespace):
     options = {} if args.threads is None else {"threads": args.threads}
     endpoint = args.endpoint if args.endpoint is not None else args.fidelity != "exact"
+    if not endpoint and args.endpoint_silence_floor is not None:
+        raise EchoStreamError("--endpoint-silence-floor gates the endpoint rules; it needs "
+                              "endpointing (drop --no-endpoint, or --fidelity exact)")
     try:
         rules = EndpointConfig(args.endpoint_after_text_ms, args.endpoint_no_text_ms,
-                               args.carry_encoder) if endpoint else None
+                               args.carry_encoder, args.endpoint_silence_floor) if endpoint else None
         return _from_artifacts(args, rules, options)
     except ValueError as exc:
         if isinstance(exc, EchoStreamError):
@@ -358,7 +449,3 @@ def _write_atomic(path: Path, force: bool, write: Callable[[str], None]) -> None
         raise EchoStreamError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _write_audio(path: str, samples: np.ndarray, sample_rate: int, fmt: str, subtype: str) -> None:
-    import soundfile
-
-    soundfile.write(path, np.clip(samples, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)

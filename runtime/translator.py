@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -63,14 +63,14 @@ from echostream.errors import ArtifactError, EchoStreamError
 from echostream.runtime.ctc import text_ctc, unit_ctc
 from echostream.runtime.events import (AsrText, EndOfSentence, EndOfStream, Event, SpeechChunk,
                                        TranslationText)
-from echostream.runtime.endpoint import EndpointConfig, decide
+from echostream.runtime.endpoint import EndpointConfig, blank_where, decide, silent_rows
 from echostream.runtime.exact import AgentBook, CallOutcome, agent_call, torch_call
 from echostream.runtime.features import FeatureStream
 from echostream.runtime.policy import (CtcCounts, MTState, PolicyConfig, PolicyOutcome,
                                        PolicyState, policy_step)
 from echostream.runtime.scheduler import Program, StageCall, run_programs
 from echostream.runtime.stage import Stage
-from echostream.runtime.stream import Sentence, Stream
+from echostream.runtime.stream import Sentence, Stream, Transcript
 from echostream.runtime.synthesis import SynthesisState, SynthesisWindows, flush, push
 from echostream.runtime.vocab import Vocabulary
 
@@ -242,7 +242,7 @@ class Translator:
             stream.clock.reset()
             stream.features, stream.resampler, stream.input_done = self._features(), None, False
             stream.finished = False
-            stream.sentences = []
+            stream.transcript = Transcript()
             stream.sentence = self._sentence(0)
         else:
             stream.sentence = self._sentence(stream.next_segment_frame)
@@ -385,7 +385,7 @@ class Translator:
                             s.frame_base * float(self.cfg.features.frame_shift_ms),
                             self.src_vocab.decode(book.reported_asr), self.tgt_vocab.decode(tgt),
                             tuple(tgt), s.num_samples)
-        stream.sentences.append(end)
+        stream.transcript.add(end)
         if next_frame is not None:
             # the next sentence starts where this one's last whole chunk ended
             steps = max(0, (next_frame - s.frame_base - (self.window - self.hop - self.lead))
@@ -414,11 +414,10 @@ class Translator:
         return max(0, encoder_frames(end - s.frame_base) - s.encoder_steps * self.segment_length)
 
     def _end_of_stream(self, stream: Stream, source_ms: float) -> EndOfStream:
-        sentences = stream.sentences
-        ids = tuple(t for e in sentences for t in e.translation_ids)
-        return EndOfStream(source_ms, stream.clock.total_ms, _join(e.asr_text for e in sentences),
-                           _join(e.translation_text for e in sentences), ids,
-                           sum(e.num_samples for e in sentences))
+        said = stream.transcript
+        return EndOfStream(source_ms, stream.clock.total_ms, " ".join(said.asr_texts),
+                           " ".join(said.translation_texts), tuple(said.translation_ids),
+                           said.num_samples)
 
     # ---- capacity ----------------------------------------------------------------------------
 
@@ -521,7 +520,7 @@ class Translator:
         end = EndOfSentence(reason, source_ms, stream.clock.total_ms, start_ms,
                             self.src_vocab.decode(s.asr_ctc.tokens), self.tgt_vocab.decode(tgt),
                             tuple(tgt), s.num_samples)
-        stream.sentences.append(end)
+        stream.transcript.add(end)
         if reason != "end_of_input":
             stream.sentence = self._next_sentence(stream)
         return events + [end]
@@ -538,11 +537,20 @@ class Translator:
         y = out["y"]
         st, s.states["st_ctc"] = yield StageCall("st_ctc", {"x": y}, s.states["st_ctc"])
         _, s.states["mt_source"] = yield StageCall("mt_source", {"x": y}, s.states["mt_source"])
-        s.asr_ctc.accept(out["asr_log_probs"][0, :valid])
+        s.asr_ctc.accept(self._gated(out["asr_log_probs"][0, :valid], stream.window))
         s.st_ctc.accept(st["y"][0, :valid])
         s.encoder_steps += 1
         # The next window starts one hop later: older frames are never read again.
         stream.features.discard_before(min(start + self.hop, stream.features.num_frames))
+
+    def _gated(self, asr_log_probs: np.ndarray, window: np.ndarray) -> np.ndarray:
+        """The ASR log-probs ``[valid, V]`` through the endpoint's energy gate (if any)."""
+        floor = None if self.endpoint is None else self.endpoint.silence_floor
+        if floor is None or not len(asr_log_probs):
+            return asr_log_probs
+        silent = silent_rows(window[0], self.lead, len(asr_log_probs), self.hop // self.segment_length,
+                             floor, self.cmvn_mean, self.cmvn_std)
+        return blank_where(asr_log_probs, silent, self.cfg.ctc.blank)
 
     def encoder_inputs(self, stream: Stream, start: int,
                        end: int | None = None) -> dict[str, np.ndarray]:
@@ -665,10 +673,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
-
-
-def _join(texts: Iterable[str]) -> str:
-    return " ".join(t for t in texts if t)
 
 
 def _vocabulary(artifacts: Any, which: str) -> Vocabulary:
