@@ -11,6 +11,11 @@ the source time it needed::
 At the end the full texts and the latency metrics (SimulEval definitions, ``runtime/metrics.py``)
 are printed; ``--out`` gets the translated speech (16 kHz) and ``--json`` every event and metric.
 
+With ``--server HOST:PORT`` the file goes to a Triton server instead (``echostream serve``): one
+sequence over gRPC, in chunks of the served segment, each answered with that chunk's events, which
+are printed the same way (they equal the in-process ones); ``--realtime`` sends the chunks at the
+pace of the audio without waiting for the answers, as a live microphone would.
+
 Outputs are written atomically (a temp file in the same folder, then ``os.replace``): a failure or an
 interrupt never leaves a partial file, and an existing file is only replaced with ``--force``.
 Everything is checked before models are loaded (input audio, every sample of it, output paths).
@@ -38,12 +43,19 @@ AUDIO_OUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".o
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="IN",
                         help="audio file (WAV, FLAC, OGG, ...; any rate, any channels)")
-    parser.add_argument("--artifacts", required=True, metavar="DIR",
-                        help="artifacts folder written by `echostream export`")
+    parser.add_argument("--artifacts", metavar="DIR",
+                        help="artifacts folder written by `echostream export` (or use --server)")
+    parser.add_argument("--server", metavar="HOST:PORT",
+                        help="translate on a Triton server (`echostream serve`; its gRPC endpoint; "
+                             "several replicas: HOST:PORT,HOST:PORT, the sequence routed by its id)")
+    parser.add_argument("--realtime", action="store_true",
+                        help="with --server: send the chunks at the pace of the audio, without waiting "
+                             "for each answer")
     parser.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime")
-    parser.add_argument("--segment-ms", type=int, default=320, metavar="MS",
+    parser.add_argument("--segment-ms", type=int, default=None, metavar="MS",
                         help="policy segment: a multiple of the Emformer segment, or exactly the chunk "
-                             "Conformer's chunk x 40 ms (default 320)")
+                             "Conformer's chunk x 40 ms (default 320; with --server: the chunk size "
+                             "sent, default the served segment)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="intra-op threads (onnxruntime backend)")
@@ -64,17 +76,34 @@ def main(args: argparse.Namespace) -> int:
     from echostream.runtime.audio import scan_audio
 
     outputs = _check_outputs(args)
-    if args.segment_ms <= 0:
+    if (args.artifacts is None) == (args.server is None):
+        raise EchoStreamError("give exactly one of --artifacts DIR (in-process) and --server HOST:PORT "
+                              "(a Triton server)")
+    if args.realtime and args.server is None:
+        raise EchoStreamError("--realtime applies to --server only")
+    if args.segment_ms is not None and args.segment_ms <= 0:
         raise EchoStreamError(f"--segment-ms expected a positive number of ms, got {args.segment_ms}")
-    if args.threads is not None and (args.threads < 1 or args.backend != "onnxruntime"):
-        raise EchoStreamError("--threads expects N >= 1 and applies to --backend onnxruntime only")
+    if args.threads is not None and (args.threads < 1 or args.backend != "onnxruntime"
+                                     or args.server is not None):
+        raise EchoStreamError("--threads expects N >= 1 and applies to --backend onnxruntime only "
+                              "(in-process)")
     info = scan_audio(args.input)  # every sample, before any model is loaded
-    translator = _load_translator(args)
-    for vocab in (translator.src_vocab, translator.tgt_vocab):
-        if vocab.notice:
-            print(vocab.notice, file=sys.stderr)
-            break
-    run = translate_file(translator, info, args.segment_ms, on_event=None if args.quiet else _print_event)
+    on_event = None if args.quiet else _print_event
+    if args.server is not None:
+        from echostream.runtime.triton_client import TritonTranslator, translate_remote
+
+        client = TritonTranslator([u.strip() for u in args.server.split(",") if u.strip()])
+        args.segment_ms = args.segment_ms or client.segment_ms
+        run = translate_remote(client, info, args.segment_ms, args.realtime, on_event=on_event)
+        args.backend, args.precision = f"triton {args.server}", "(server's)"
+    else:
+        args.segment_ms = args.segment_ms or 320
+        translator = _load_translator(args)
+        for vocab in (translator.src_vocab, translator.tgt_vocab):
+            if vocab.notice:
+                print(vocab.notice, file=sys.stderr)
+                break
+        run = translate_file(translator, info, args.segment_ms, on_event=on_event)
     report = run.report(info, args)
     _print_summary(run, report, args)
     if "out" in outputs:
@@ -155,7 +184,8 @@ class TranslationRun:
         events = [dict(e.to_json(), wall_ms=round(w, 3)) for e, w in zip(self.events, self.wall_ms)]
         return {
             "input": info.to_dict(),
-            "artifacts": str(args.artifacts), "backend": args.backend,
+            "artifacts": None if args.artifacts is None else str(args.artifacts),
+            "server": getattr(args, "server", None), "backend": args.backend,
             "precision": args.precision, "segment_ms": args.segment_ms,
             "asr_text": end.asr_text if end else "",
             "translation_text": end.translation_text if end else "",
