@@ -15,7 +15,10 @@ Parts (all on by default; ``--skip`` leaves some out):
    of the stages whose windows grew, pre-fidelity windows vs now (``bench/windows.py``);
 7. ``streams`` -- 1..32 concurrent speakers through ``decode_streams``: throughput, per-segment
    compute p50/p95, computation-aware AL, FLOP/s vs peak, RSS per added stream
-   (``bench/streams.py``).
+   (``bench/streams.py``);
+8. ``triton`` -- the same speakers through the real ``tritonserver`` (a generated repository, gRPC
+   streaming clients) beside in-process ``decode_streams`` at 1..16 streams: throughput and p95
+   per-chunk latency (``bench/triton.py``); skipped with a note when Triton cannot run here.
 
 Writes ``bench.json`` (every number, min/median/max), ``bench.md`` (tables + targets) and
 ``bench.png`` (plots) to ``--out`` (default ``bench/out``). ``--quick`` is a smoke test on the
@@ -38,9 +41,10 @@ from typing import Any
 from echostream.errors import BackendUnavailable, EchoStreamError
 
 PARTS = ("position", "pipeline", "streams", "tuning", "backends", "memory", "tensorrt",
-         "windows")
+         "windows", "triton")
 FULL_STREAM_COUNTS = [1, 2, 4, 8, 16, 32]
 QUICK_STREAM_COUNTS = [1, 2, 8]
+FULL_TRITON_COUNTS = [1, 2, 4, 8, 16]
 
 
 @dataclasses.dataclass
@@ -138,6 +142,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "tensorrt": lambda: _tensorrt_part(artifacts_dir, settings, bench, log),
         "windows": lambda: _windows_part(artifacts_dir, settings, log),
         "streams": lambda: _streams_part(artifacts_dir, settings, bench, out, args.quick, log),
+        "triton": lambda: _triton_part(artifacts_dir, settings, out, args.quick, log),
     }
     keys = {"position": "cost_vs_position"}
     for part in PARTS:
@@ -147,6 +152,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
     if "tensorrt" not in parts:
         bench["tensorrt"] = {"available": False, "note": "skipped (--skip tensorrt)"}
+    if "triton" not in parts:
+        bench["triton"] = {"available": False, "note": "skipped (--skip triton)"}
     _remeasure_peak(bench, settings, log)
     bench["targets"] = check_targets(bench)
     bench["elapsed_s"] = log.elapsed()
@@ -478,6 +485,20 @@ def _streams_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any]
             "state_bytes_per_stream": state_bytes_per_stream(artifacts),
             "added_rss_per_stream_bytes": added_rss_per_stream(memory),
             "speakers": len(pool), "stagger_segments": 1, "threads": settings.threads}
+
+
+def _triton_part(artifacts_dir: Path, settings: Settings, out: Path, quick: bool,
+                 log) -> dict[str, Any]:
+    from echostream.bench.streams import speech_pool
+    from echostream.bench.triton import available, triton_streams
+
+    why = available()
+    if why is not None:
+        log(f"triton: skipped: {why}")
+        return {"available": False, "note": why}
+    pool = speech_pool(out / "speakers", 4 if quick else 8, quick)
+    counts = QUICK_STREAM_COUNTS if quick else FULL_TRITON_COUNTS
+    return triton_streams(artifacts_dir, pool, counts, settings.threads, settings.segment_ms, log)
 
 
 def _windows_part(artifacts_dir: Path, settings: Settings, log) -> dict[str, Any]:

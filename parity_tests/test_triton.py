@@ -511,3 +511,39 @@ def test_the_client_says_when_no_server_is_there():
     url = f"127.0.0.1:{free_port()}"
     with pytest.raises(ServerGone, match=f"cannot reach the Triton server at {url}"):
         TritonTranslator(url, timeout_s=5).create_stream()
+
+
+# ---- the bench part ------------------------------------------------------------------------------
+
+
+def test_bench_triton_part_measures_both_sides(tiny_artifacts_dir, triton_setup):
+    from echostream.bench.report import check_targets, render_markdown
+    from echostream.bench.triton import triton_streams
+
+    pool = [_speech_like(1.0 + 0.3 * k, k) for k in range(3)]
+    part = triton_streams(tiny_artifacts_dir, pool, [1, 3], threads=1, segment_ms=320,
+                          log=lambda _m: None)
+    assert part["available"] and [r["streams"] for r in part["runs"]] == [1, 3]
+    for row in part["runs"]:
+        local, remote = row["in_process"], row["triton"]
+        n = row["streams"]
+        assert local["audio_s"] == pytest.approx(remote["audio_s"])
+        assert remote["audio_s"] == pytest.approx(sum(len(pool[i % 3]) for i in range(n)) / RATE)
+        # every chunk of every stream plus its END request, and nothing else
+        assert remote["requests"] == sum(-(-len(pool[i % 3]) // SEGMENT) + 1 for i in range(n))
+        assert 1 <= remote["requests_per_execute"] <= n
+        assert row["throughput_ratio"] == pytest.approx(remote["throughput"] / local["throughput"])
+        assert 0 < remote["chunk_latency_p50_ms"] <= remote["chunk_latency_p95_ms"]
+    rows = {r["target"]: r for r in check_targets({"triton": part})}
+    row = rows["triton_over_in_process_16"]
+    assert row["value"] == part["runs"][-1]["throughput_ratio"] and "at 3 streams" in row["what"]
+    md = render_markdown({"machine": {"cpu_model": "x", "logical_cpus": 2, "gpu": None,
+                                      "versions": {}},
+                          "settings": {"threads": 1, "repeats": 1, "warmup": 0}, "mode": "quick",
+                          "preset": "tiny", "command": "c", "targets": [row], "triton": part})
+    assert "## 8. Serving through Triton vs in process" in md
+    assert md.count("\n| 1 | ") == 1 and md.count("\n| 3 | ") == 1
+    unavailable = {r["target"]: r for r in check_targets(
+        {"triton": {"available": False, "note": "no tritonserver found"}})}
+    assert unavailable["triton_over_in_process_16"]["met"] is None
+    assert unavailable["triton_over_in_process_16"]["note"] == "no tritonserver found"

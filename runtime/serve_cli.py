@@ -77,7 +77,9 @@ def main(args: argparse.Namespace) -> int:
         stopping["signal"] = signum
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # SIGINT too: a shell that starts a background job without job control ignores SIGINT in it,
+    # and Python then never raises KeyboardInterrupt; Ctrl-C / kill -INT must still stop the server.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
             server.start(args.ready_timeout_s)
@@ -98,4 +100,5 @@ def main(args: argparse.Namespace) -> int:
         code = server.stop()
         raise EchoStreamError(f"tritonserver stopped by itself: {server.failure(code)}")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -128,7 +128,7 @@ class SequenceHost:
             if chunk.corrid in self.live:
                 self.log(f"echostream: sequence {chunk.corrid} restarted (START on a live id): "
                          "its old stream is dropped")
-                del self.live[chunk.corrid]
+                self._drop(chunk.corrid, "reclaimed")
             self.live[chunk.corrid] = _Live(self.translator.create_stream(), self.clock())
             self.stats.totals["started"] += 1
         elif chunk.corrid not in self.live:

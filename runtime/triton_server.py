@@ -205,7 +205,10 @@ def model_python(executable: str | os.PathLike, binary: ServerBinary | None = No
     if "numpy" not in info:
         raise ServeError(f"{where}: NumPy does not import ({info.get('numpy_error')}); it needs "
                          f"{NUMPY_PIN}")
-    if int(info["numpy"].split(".")[0]) >= 2:
+    # Measured with the bundled stubs; another server's stub (an NGC container) may be built
+    # otherwise, and the instance's log line says what it got.
+    bundled = binary is None or binary.stubs is not None
+    if bundled and int(info["numpy"].split(".")[0]) >= 2:
         raise ServeError(
             f"{where} has NumPy {info['numpy']}: the Python-backend stub is built against NumPy 1.x "
             f"(under NumPy 2 its inputs read as zeros and its outputs come back empty); make a "
@@ -240,7 +243,7 @@ def resolve_model_env(model_env: str | os.PathLike | None,
         return model_python(exe, binary)
     import numpy
 
-    if int(numpy.__version__.split(".")[0]) < 2:
+    if int(numpy.__version__.split(".")[0]) < 2 or (binary is not None and binary.stubs is None):
         return model_python(Path(sys.executable), binary)
     default = default_model_env()
     if (default / "bin" / "python").exists():
