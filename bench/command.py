@@ -13,10 +13,12 @@ Parts (all on by default; ``--skip`` leaves some out):
 5. ``tensorrt`` -- the same stage timings and pipeline on TensorRT when a GPU and TensorRT exist;
 6. ``windows`` -- what windows that hold a sentence cost: ms per call and state bytes per stream
    of the stages whose windows grew, pre-fidelity windows vs now (``bench/windows.py``);
+8. ``algorithms`` -- StreamSpeech's agent, EchoStream ``exact`` and ``incremental`` on the same
+   speech, ms per segment vs position, ``streamspeech`` preset (``bench/algorithms.py``);
 7. ``streams`` -- 1..32 concurrent speakers through ``decode_streams``: throughput, per-segment
    compute p50/p95, computation-aware AL, FLOP/s vs peak, RSS per added stream
    (``bench/streams.py``);
-8. ``triton`` -- the same speakers through the real ``tritonserver`` (a generated repository, gRPC
+9. ``triton`` -- the same speakers through the real ``tritonserver`` (a generated repository, gRPC
    streaming clients) beside in-process ``decode_streams`` at 1..16 streams: throughput and p95
    per-chunk latency (``bench/triton.py``); skipped with a note when Triton cannot run here.
 
@@ -38,10 +40,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from echostream.errors import BackendUnavailable, EchoStreamError
 
-PARTS = ("position", "pipeline", "streams", "tuning", "backends", "memory", "tensorrt",
-         "windows", "triton")
+PARTS = ("position", "pipeline", "streams", "algorithms", "tuning", "backends", "memory",
+         "tensorrt", "windows", "triton")
 FULL_STREAM_COUNTS = [1, 2, 4, 8, 16, 32]
 QUICK_STREAM_COUNTS = [1, 2, 8]
 FULL_TRITON_COUNTS = [1, 2, 4, 8, 16]
@@ -142,6 +146,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "tensorrt": lambda: _tensorrt_part(artifacts_dir, settings, bench, log),
         "windows": lambda: _windows_part(artifacts_dir, settings, log),
         "streams": lambda: _streams_part(artifacts_dir, settings, bench, out, args.quick, log),
+        "algorithms": lambda: _algorithms_part(settings, out, args.audio, args.quick, log),
         "triton": lambda: _triton_part(artifacts_dir, settings, out, args.quick, log),
     }
     keys = {"position": "cost_vs_position"}
@@ -499,6 +504,39 @@ def _triton_part(artifacts_dir: Path, settings: Settings, out: Path, quick: bool
     pool = speech_pool(out / "speakers", 4 if quick else 8, quick)
     counts = QUICK_STREAM_COUNTS if quick else FULL_TRITON_COUNTS
     return triton_streams(artifacts_dir, pool, counts, settings.threads, settings.segment_ms, log)
+
+
+def _algorithms_part(settings: Settings, out: Path, audio: Path | None, quick: bool,
+                     log) -> dict[str, Any]:
+    import soundfile as sf
+
+    from echostream.bench.algorithms import compare_algorithms
+    from echostream.runtime.audio import StreamingResampler
+    from echostream.runtime.translator import Translator
+
+    preset = "streamspeech_tiny" if quick else "streamspeech"
+    folder = out / "artifacts" / preset
+    if not (folder / "manifest.json").is_file():
+        from echostream.export.commands import export_artifacts
+
+        log(f"algorithms: exporting preset {preset} with its sentence graphs to {folder} (once)")
+        export_artifacts(folder, preset=preset, force=True, progress=False, log=log,
+                         sentence_graphs=True)
+    speech = _speech(audio, out, quick)
+    samples, rate = sf.read(speech["path"], dtype="float32")
+    resampler = StreamingResampler(rate, 16000)
+    audio16 = np.concatenate([resampler.process(samples), resampler.flush()])
+    if quick:
+        audio16 = audio16[:6 * 16000]
+
+    def make(backend: str, fidelity: str):
+        options = {"threads": settings.threads} if backend == "onnxruntime" else {}
+        return Translator.from_artifacts(folder, backend=backend, segment_ms=320,
+                                         fidelity=fidelity, **options)
+
+    curves = compare_algorithms(make, audio16, 20.0 if quick else settings.baseline_budget_s, log)
+    return {"preset": preset, "audio_s": len(audio16) / 16000.0, "segment_ms": 320,
+            "curves": curves}
 
 
 def _windows_part(artifacts_dir: Path, settings: Settings, log) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def translate_runs(translator, audio_path: str, segment_ms: int, repeats: int,
             "wall_s": wall_s, "source_s": source_s, "rtf": wall_s / source_s,
             "stages": run.stage_clock, "events": len(run.events),
             "translation_tokens": len(end.translation_ids) if end else 0,
-            "speech_samples": int(sum(len(e.samples) for e, _ in run.of_kind("speech"))),
+            "speech_samples": int(sum(e.num_samples for e, _ in run.of_kind("speech"))),
         })
     return runs
 

@@ -217,7 +217,8 @@ def render_markdown(bench: dict[str, Any]) -> str:
                      f"{row['note']} |")
     lines += [""] + _position_section(bench) + _pipeline_section(bench) + _backend_section(bench)
     lines += _memory_section(bench) + _tuning_section(bench) + _tensorrt_section(bench)
-    lines += _windows_section(bench) + _streams_section(bench) + _triton_section(bench)
+    lines += _windows_section(bench) + _streams_section(bench) + _algorithms_section(bench)
+    lines += _triton_section(bench)
     return "\n".join(lines) + "\n"
 
 
@@ -225,7 +226,7 @@ def _triton_section(bench: dict[str, Any]) -> list[str]:
     triton = bench.get("triton")
     if triton is None:
         return []
-    head = ["## 8. Serving through Triton vs in process", ""]
+    head = ["## 9. Serving through Triton vs in process", ""]
     if not triton.get("available"):
         return head + [f"Not run: {triton.get('note', 'no tritonserver')}.", ""]
     lines = head + [
@@ -416,6 +417,36 @@ def _tensorrt_section(bench: dict[str, Any]) -> list[str]:
         return ["## 5. TensorRT", "", "Per-stage TensorRT times are in the backend table; "
                 f"pipeline RTF on TensorRT: {_num(trt.get('rtf'))}.", ""]
     return ["## 5. TensorRT", "", f"Not run: {trt.get('note', 'no GPU')}.", ""]
+
+
+def _algorithms_section(bench: dict[str, Any]) -> list[str]:
+    from echostream.bench.algorithms import at_position
+
+    alg = bench.get("algorithms")
+    if not alg:
+        return []
+    curves = alg["curves"]
+    lines = ["## 8. StreamSpeech's agent vs EchoStream exact vs incremental, per segment", "",
+             f"Preset `{alg['preset']}`, {alg['audio_s']:.1f} s of espeak-ng speech fed "
+             f"{alg['segment_ms']} ms at a time; ms of compute for the segment ending at each "
+             "position (one sentence while it fits). StreamSpeech: its agent's algorithm in "
+             "PyTorch eager (re-encode, re-decode, re-vocode per segment); exact: the same ids on "
+             "ONNX Runtime; incremental: new input only.", "",
+             "| position | StreamSpeech agent (ms) | EchoStream exact (ms) | EchoStream "
+             "incremental (ms) | agent / exact | agent / incremental |", "|---|---|---|---|---|---|"]
+    last = alg["audio_s"]
+    for seconds in [p for p in (1, 2, 5, 10, 20, 30) if p <= last] + [last]:
+        cells = {k: at_position(c, seconds) for k, c in curves.items()}
+        def ms(v):  # noqa: E306 - a one-line formatter
+            return "not measured" if v is None else f"{v:.0f}"
+        agent, ex, inc = cells["streamspeech"], cells["exact"], cells["incremental"]
+        ratio = lambda a, b: "-" if a is None or b is None or b == 0 else f"{a / b:.1f}x"  # noqa: E731
+        lines.append(f"| {seconds:g} s | {ms(agent)} | {ms(ex)} | {ms(inc)} | {ratio(agent, ex)} | "
+                     f"{ratio(agent, inc)} |")
+    stop = curves["streamspeech"].get("stopped_at_s")
+    if stop:
+        lines += ["", f"The agent's curve stopped at {stop:.1f} s: its budget of compute was spent."]
+    return lines + [""]
 
 
 def _streams_section(bench: dict[str, Any]) -> list[str]:

@@ -24,21 +24,21 @@ def random_feed(contract: StageContract, cfg: Mapping[str, Any], seed: int = 0,
     """(inputs, context, state) for one batch-1 call of ``contract``'s stage, as host arrays."""
     rng = np.random.default_rng(seed)
 
-    def make(specs, integer_range=None):
+    def make(specs, data: bool = False):
         out = {}
         for spec in specs:
             shape = spec.concrete_shape(1)
             if spec.dtype == INT32:
-                if integer_range is None:  # a counter
+                if not data:  # a counter
                     out[spec.name] = np.full(shape, counter, dtype=np.int32)
                 else:
-                    out[spec.name] = rng.integers(*integer_range, size=shape, dtype=np.int32)
+                    low, high = integer_range(contract.stage, cfg, spec.name)
+                    out[spec.name] = rng.integers(low, high, size=shape, dtype=np.int32)
             else:
                 out[spec.name] = rng.standard_normal(shape, dtype=np.float32)
         return out
 
-    is_int = any(s.dtype == INT32 for s in contract.data_inputs)
-    inputs = make(contract.data_inputs, integer_range(contract.stage, cfg) if is_int else None)
+    inputs = make(contract.data_inputs, data=True)
     context = make(contract.context) if contract.context else None
     state = make(contract.states) if contract.states else None
     return inputs, context, state

@@ -19,6 +19,7 @@ queue delay -- and the clients run on the same cores as the server.
 """
 from __future__ import annotations
 
+import importlib
 import tempfile
 import threading
 import time
@@ -35,7 +36,7 @@ def available() -> str | None:
     from echostream.runtime.triton_server import find_tritonserver, resolve_model_env
 
     try:
-        import tritonclient.grpc  # noqa: F401
+        importlib.import_module("tritonclient.grpc")
     except ImportError as exc:
         return f"tritonclient is not installed ({exc})"
     try:
@@ -49,6 +50,7 @@ def triton_streams(artifacts_dir: Path, pool: Sequence[np.ndarray], counts: Sequ
                    threads: int, segment_ms: int, log, max_queue_delay_us: int = 2000) -> dict[str, Any]:
     """In-process vs Triton rows for each stream count (see the module doc)."""
     from echostream.bench.streams import run_streams
+    from echostream.runtime.endpoint import EndpointConfig
     from echostream.runtime.translator import Translator
     from echostream.runtime.triton_repo import write_repository
     from echostream.runtime.triton_server import TritonServer, free_port
@@ -56,11 +58,14 @@ def triton_streams(artifacts_dir: Path, pool: Sequence[np.ndarray], counts: Sequ
     why = available()
     if why is not None:
         return {"available": False, "note": why}
-    translator = Translator.from_artifacts(artifacts_dir, threads=threads, segment_ms=segment_ms)
+    # Both sides with the rules a served model has by default (`translate`'s: endpointing on).
+    endpoint = EndpointConfig()
+    translator = Translator.from_artifacts(artifacts_dir, threads=threads, segment_ms=segment_ms,
+                                           endpoint=endpoint)
     with tempfile.TemporaryDirectory(prefix="echostream-bench-triton-") as tmp:
         repo = write_repository(artifacts_dir, Path(tmp) / "repo", copy=False, threads=threads,
                                 max_sequences=max(counts), segment_ms=segment_ms,
-                                max_queue_delay_us=max_queue_delay_us,
+                                max_queue_delay_us=max_queue_delay_us, endpoint=endpoint,
                                 # a closed loop on a small box can wait minutes for one answer
                                 idle_timeout_s=3600.0)
         server = TritonServer(repo, free_port(), free_port(), free_port()).start(300)
@@ -122,12 +127,20 @@ def _triton_run(server, pool: Sequence[np.ndarray], n: int, segment_ms: int) -> 
     for w in workers:
         w.join()
     wall = time.perf_counter() - start
+    sent = sum(s.sent for s in streams)
     for s in streams:
         s.close()
     if errors:
         raise errors[0]
-    after = read_metrics(server.metrics_url)
-    requests = metric_sum(after, "nv_inference_count") - metric_sum(before, "nv_inference_count")
+    # The backend records a request's statistics after its response went out: wait (briefly)
+    # until the counters hold every request sent.
+    deadline = time.monotonic() + 10.0
+    while True:
+        after = read_metrics(server.metrics_url)
+        requests = metric_sum(after, "nv_inference_count") - metric_sum(before, "nv_inference_count")
+        if requests >= sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     execs = metric_sum(after, "nv_inference_exec_count") - metric_sum(before, "nv_inference_exec_count")
     queue_us = (metric_sum(after, "nv_inference_queue_duration_us")
                 - metric_sum(before, "nv_inference_queue_duration_us"))

@@ -40,6 +40,9 @@ STAGE_NAMES = (
     "duration",
     "vocoder",
 )
+# Graphs only the ``exact`` fidelity mode runs (StreamSpeech's agent re-decodes the sentence).
+EXACT_STAGE_NAMES = ("unit_sentence",)
+ALL_STAGE_NAMES = STAGE_NAMES + EXACT_STAGE_NAMES
 
 
 @dataclass(frozen=True)
@@ -247,10 +250,14 @@ def duration_context(kernel: int) -> int:
     return 2 * ((int(kernel) - 1) // 2)
 
 
-def integer_range(stage: str, cfg: Config) -> tuple[int, int]:
-    """``[low, high)`` of a stage's integer data input: target tokens, unit ids (-1 = none), or
-    the conformer encoder's valid fbank frames."""
+def integer_range(stage: str, cfg: Config, name: str = "x") -> tuple[int, int]:
+    """``[low, high)`` of a stage's integer data input: target tokens, unit ids (-1 = none), the
+    conformer encoder's valid fbank frames, a sentence's text states, a pad flag."""
     c = as_config(cfg)
+    if name == "is_pad":
+        return 0, 2
+    if stage == "unit_sentence":
+        return 1, sentence_text_states(c) + 1
     if stage == "mt_decoder":
         return 0, c.ctc.tgt_vocab_size
     if stage in ("duration", "vocoder"):
@@ -403,7 +410,7 @@ def mt_decoder_contract(cfg: Config) -> StageContract:
     c = as_config(cfg)
     return StageContract(
         "mt_decoder",
-        data_inputs=(TensorSpec("x", (BATCH,), INT32),),
+        data_inputs=(TensorSpec("x", (BATCH,), INT32), TensorSpec("is_pad", (BATCH,), INT32)),
         data_outputs=(
             TensorSpec("y", (BATCH, c.ctc.tgt_vocab_size)),
             TensorSpec("hidden", (BATCH, c.mt.d_model)),
@@ -423,6 +430,25 @@ def unit_decoder_contract(cfg: Config) -> StageContract:
         data_outputs=(TensorSpec("y", (BATCH, u.upsample, u.num_classes)),),
         states=unit_decoder_states(u.t2u_layers, u.num_layers, sentence_target_tokens(c),
                                    u.upsample, u.d_model),
+    )
+
+
+def sentence_text_states(cfg: Config) -> int:
+    """Text states a sentence graph holds: ``</s>`` + ``max_target_tokens`` tokens + one pad
+    position (the agent's whole-word final MT input ends with one)."""
+    return sentence_target_tokens(cfg) + 2
+
+
+def unit_sentence_contract(cfg: Config) -> StageContract:
+    """The exact mode's unit decoding: every text state of the sentence (padded to the capacity,
+    ``lengths`` real ones) -> the unit-CTC log-probs of all their rows, full cross-attention."""
+    c = as_config(cfg)
+    N = sentence_text_states(c)
+    return StageContract(
+        "unit_sentence",
+        data_inputs=(TensorSpec("x", (BATCH, N, c.mt.d_model)),
+                     TensorSpec("lengths", (BATCH,), INT32)),
+        data_outputs=(TensorSpec("y", (BATCH, c.unit.upsample * N, c.unit.num_classes)),),
     )
 
 
@@ -452,6 +478,7 @@ CONTRACT_BUILDERS: dict[str, Callable[[Config], StageContract]] = {
     "mt_source": mt_source_contract,
     "mt_decoder": mt_decoder_contract,
     "unit_decoder": unit_decoder_contract,
+    "unit_sentence": unit_sentence_contract,
     "duration": duration_contract,
     "vocoder": vocoder_contract,
 }

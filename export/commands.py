@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from echostream.contract import STAGE_NAMES, stage_contract
+from echostream.config import PRESETS
+from echostream.contract import ALL_STAGE_NAMES, EXACT_STAGE_NAMES, STAGE_NAMES, stage_contract
 from echostream.atomic import atomic_folder
 from echostream.runtime.artifacts import PRECISIONS
 from echostream.errors import EchoStreamError
@@ -29,12 +30,16 @@ PLACEHOLDER_NOTICE = ("notice: {name}: the vocabularies are generated placeholde
 
 def configure(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="export a seeded model of this preset (echostream, streamspeech, tiny)")
+    src.add_argument("--preset", help=f"export a seeded model of this preset ({', '.join(sorted(PRESETS))})")
     src.add_argument("--checkpoint", type=Path, help="export a checkpoint folder (config.json + *.safetensors)")
     parser.add_argument("--out", type=Path, help="output folder (default: engines/<config name>)")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
-    parser.add_argument("--stages", nargs="+", choices=STAGE_NAMES, metavar="STAGE",
-                        help=f"stages to export (default: all of {', '.join(STAGE_NAMES)})")
+    parser.add_argument("--stages", nargs="+", choices=ALL_STAGE_NAMES, metavar="STAGE",
+                        help=f"stages to export (default: all of {', '.join(STAGE_NAMES)}, and "
+                             f"{', '.join(EXACT_STAGE_NAMES)} with --sentence-graphs)")
+    parser.add_argument("--sentence-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="also export the sentence graphs of translate --fidelity exact "
+                             "(default: yes for StreamSpeech's chunk Conformer, no for the Emformer)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp16 also writes <stage>.fp16.onnx beside every fp32 graph")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -43,6 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     manifest = export_artifacts(
         args.out, preset=args.preset, checkpoint=args.checkpoint, stages=args.stages,
+        sentence_graphs=args.sentence_graphs,
         precision=args.precision, force=args.force, progress=not args.quiet,
     )
     out = Path(manifest["_path"])
@@ -60,6 +66,7 @@ def main(args: argparse.Namespace) -> int:
 def export_artifacts(out: str | Path | None = None, *, preset: str | None = None,
                      checkpoint: str | Path | None = None, model: Any = None,
                      stages: Iterable[str] | None = None, precision: str = "fp32",
+                     sentence_graphs: bool | None = None,
                      force: bool = False, progress: bool = True,
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Export a model to an artifacts folder; returns the manifest (plus ``"_path"``: the folder).
@@ -73,7 +80,7 @@ def export_artifacts(out: str | Path | None = None, *, preset: str | None = None
     if precision not in ("fp32", "fp16"):
         raise EchoStreamError(f"precision expected 'fp32' or 'fp16', got {precision!r}")
     cfg, build, source = _resolve_source(preset, checkpoint, model)
-    stages = _resolve_stages(cfg, stages)
+    stages = _resolve_stages(cfg, stages, sentence_graphs)
     make_fp16 = _fp16_converter() if precision == "fp16" else None
     out = Path(out) if out is not None else Path("engines") / cfg.name
     _check_out(out, force)
@@ -151,20 +158,26 @@ def _resolve_source(preset, checkpoint, model):
     return cfg, lambda: loaded, {"kind": "checkpoint", "ref": str(checkpoint), "dir": source_dir}
 
 
-def _resolve_stages(cfg, stages: Iterable[str] | None) -> list[str]:
+def _resolve_stages(cfg, stages: Iterable[str] | None, sentence_graphs: bool | None = None
+                    ) -> list[str]:
     """Requested stages in pipeline order (both encoder kinds stream: Emformer and chunk
-    Conformer); a config no stage graph can serve (e.g. a chunk size that cannot stream) is refused
-    here, before the model is built."""
-    stages = list(STAGE_NAMES) if stages is None else list(stages)
-    unknown = [s for s in stages if s not in STAGE_NAMES]
+    Conformer), plus the exact mode's sentence graphs when asked (default: for the chunk
+    Conformer, StreamSpeech's own structure); a config no stage graph can serve (e.g. a chunk
+    size that cannot stream) is refused here, before the model is built."""
+    if sentence_graphs is None:
+        sentence_graphs = cfg.encoder.kind == "conformer"
+    if stages is None:
+        stages = list(STAGE_NAMES) + (list(EXACT_STAGE_NAMES) if sentence_graphs else [])
+    stages = list(stages)
+    unknown = [s for s in stages if s not in ALL_STAGE_NAMES]
     if unknown:
-        raise EchoStreamError(f"unknown stage(s) {unknown}; expected some of {list(STAGE_NAMES)}")
+        raise EchoStreamError(f"unknown stage(s) {unknown}; expected some of {list(ALL_STAGE_NAMES)}")
     for stage in stages:
         try:
             stage_contract(stage, cfg.to_dict())
         except ValueError as exc:
             raise EchoStreamError(f"{stage}: {exc}") from None
-    return [s for s in STAGE_NAMES if s in stages]
+    return [s for s in ALL_STAGE_NAMES if s in stages]
 
 
 def _fp16_converter():

@@ -73,7 +73,7 @@ def random_data(contract: StageContract, cfg: dict[str, Any], batch: int,
     for spec in contract.data_inputs:
         shape = spec.concrete_shape(batch)
         if spec.dtype == INT32:
-            low, high = integer_range(contract.stage, cfg)
+            low, high = integer_range(contract.stage, cfg, spec.name)
             out[spec.name] = torch.randint(low, high, shape, generator=generator, dtype=torch.int32)
         else:
             out[spec.name] = torch.randn(shape, generator=generator, dtype=torch_dtype(spec))

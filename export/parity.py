@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from echostream.contract import STAGE_NAMES
+from echostream.contract import ALL_STAGE_NAMES
 from echostream.runtime.artifacts import PRECISIONS
 from echostream.runtime.backends import BACKENDS
 from echostream.errors import BackendUnavailable
@@ -342,7 +342,7 @@ def polygraphy_rows(artifacts, stages: Iterable[str], iterations: int, seed: int
     rows = []
     for stage in stages:
         contract = artifacts.contract(stage)
-        feeds = single_step_feeds(contract, _Feeds(artifacts.config, seed + 100 + STAGE_NAMES.index(stage)),
+        feeds = single_step_feeds(contract, _Feeds(artifacts.config, seed + 100 + ALL_STAGE_NAMES.index(stage)),
                                   iterations)
         cmp = polygraphy_single_step(ref_runner(artifacts, stage), dut_runner(artifacts, stage), feeds)
         rows.append(_result(stage, check, cmp, tol))
@@ -379,7 +379,7 @@ def run_parity(artifacts, backend: str = "onnxruntime", steps: int = 12, seed: i
     for stage in stages or artifacts.stages:
         ref = TorchStage(model, stage)
         dut = load_stage(artifacts, stage, backend, **options)
-        feeds = _Feeds(artifacts.config, seed + STAGE_NAMES.index(stage))
+        feeds = _Feeds(artifacts.config, seed + ALL_STAGE_NAMES.index(stage))
         first = "zero-state chain" if ref.contract.states else "random inputs"
         checks = [(first, lambda: chain_check(ref, dut, feeds, steps, "zero"))]
         if ref.contract.states:
@@ -413,7 +413,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime")
     parser.add_argument("--steps", type=int, default=12, help="chained steps per check (>= 10 recommended)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    parser.add_argument("--stages", nargs="+", choices=STAGE_NAMES, metavar="STAGE",
+    parser.add_argument("--stages", nargs="+", choices=ALL_STAGE_NAMES, metavar="STAGE",
                         help="stages to check (default: every stage in the artifacts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verify", action="store_true",

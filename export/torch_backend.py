@@ -88,3 +88,17 @@ def load_stage(artifacts: Artifacts, stage: str, device: str = "cpu", **_: Any) 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").contiguous().numpy().copy()
+
+
+def exact_agent_factory(artifacts: Artifacts, policy: Any, is_word_start):
+    """The exact fidelity mode on this backend: a maker of StreamSpeech agents (the PyTorch
+    reference written from the agent's code, ``models/streamspeech_agent.py``), one per sentence,
+    on the artifacts' reference model with the policy's knobs."""
+    from echostream.contract import sentence_target_tokens
+    from echostream.models.streamspeech_agent import AgentConfig, StreamSpeechAgent
+
+    model = load_reference_model(artifacts)
+    cfg = AgentConfig(segment_ms=policy.segment_ms, stride_n=policy.stride_n,
+                      lagging_k1=policy.lagging_k1, final_max_len=policy.final_max_len,
+                      min_len=policy.min_len, capacity=sentence_target_tokens(artifacts.config))
+    return lambda: StreamSpeechAgent(model, cfg, is_word_start)

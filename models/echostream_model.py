@@ -83,6 +83,7 @@ class EchoStreamModel(nn.Module):
             "mt_source": self._mt_source_step,
             "mt_decoder": self._mt_decoder_step,
             "unit_decoder": self._unit_decoder_step,
+            "unit_sentence": self._unit_sentence_step,
             "duration": self._duration_step,
             "vocoder": self._vocoder_step,
         }
@@ -107,8 +108,13 @@ class EchoStreamModel(nn.Module):
 
     def _mt_decoder_step(self, inputs: TensorDict, state: TensorDict):
         context = {k: inputs[k] for k in ("cross_keys", "cross_values", "source_frames")}
-        (log_probs, hidden), next_state = self.mt_decoder.step(inputs["x"], context, state)
+        (log_probs, hidden), next_state = self.mt_decoder.step(inputs["x"], context, state,
+                                                               inputs["is_pad"])
         return {"y": log_probs, "hidden": hidden}, next_state
+
+    def _unit_sentence_step(self, inputs: TensorDict, state: TensorDict):
+        # StreamSpeech's agent: the whole text re-decoded, every row sees every T2U state.
+        return {"y": self.unit_decoder(inputs["x"], inputs["lengths"], cross_attention="full")}, {}
 
     def _unit_decoder_step(self, inputs: TensorDict, state: TensorDict):
         y, next_state = self.unit_decoder.step(inputs["x"], state)

@@ -68,6 +68,8 @@ class AgentConfig:
     lagging_k1: int = 0
     final_max_len: int = 100  # generator_mt max_len_b at the source end
     min_len: int = 1
+    capacity: int | None = None  # EchoStream's sentence capacity (max_target_tokens): no
+    # hypothesis grows past it (the agent has none; within it nothing changes)
 
     @property
     def whole_word(self) -> bool:
@@ -139,8 +141,9 @@ class StreamSpeechAgent:
     # ---- one call ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def policy(self, features: Tensor, source_finished: bool) -> AgentOutput:
+    def policy(self, features: Tensor | np.ndarray, source_finished: bool) -> AgentOutput:
         """One policy call on every feature frame received so far (``[F, 80]``, normalised)."""
+        features = torch.as_tensor(np.asarray(features, np.float32))
         if features.shape[0] == 0:
             return self._finish() if source_finished else AgentOutput(read=True)
         frames = self.encode(features, source_finished)  # [T, D]
@@ -220,6 +223,8 @@ class StreamSpeechAgent:
             max_len = min(self.cfg.final_max_len, FAIRSEQ_MAX_POSITIONS - 1)
         else:
             max_len = len(prefix) + new_tokens
+        if self.cfg.capacity is not None:
+            max_len = min(max_len, self.cfg.capacity)
         tokens = list(prefix)
         source = frames.unsqueeze(1)  # [T, 1, E]
         while True:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from echostream.models.attention import MultiheadAttention, right_aligned_valid
+from echostream.models.attention import MultiheadAttention, constant_index, right_aligned_valid
 
 
 # ---- masks --------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def band_allowed(length: int, context: int, device: torch.device | None = None) 
     Returns:
         ``[T, T]`` bool; row ``t`` may attend key ``j`` iff ``t - context <= j <= t``.
     """
-    idx = torch.arange(length, device=device)
+    idx = constant_index(length, device)  # a graph constant (no Range) in sentence graphs
     lag = idx.unsqueeze(1) - idx.unsqueeze(0)  # [T, T]: t - j
     return (lag >= 0) & (lag <= context)
 
@@ -71,7 +71,8 @@ def key_padding_allowed(allowed: Tensor, padding_mask: Tensor | None) -> Tensor:
     if padding_mask is None:
         return allowed.unsqueeze(0)
     T = allowed.shape[0]
-    diagonal = torch.eye(T, dtype=torch.bool, device=allowed.device).unsqueeze(0)
+    idx = constant_index(T, allowed.device)
+    diagonal = (idx.unsqueeze(1) == idx.unsqueeze(0)).unsqueeze(0)  # no eye: int32 constants only
     kept = allowed.unsqueeze(0) & (~padding_mask).unsqueeze(1)  # [B, T, T]
     empty = ~kept.any(dim=-1, keepdim=True)  # [B, T, 1]
     return kept | (diagonal & empty)

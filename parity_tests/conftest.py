@@ -52,7 +52,8 @@ def export_cache_key() -> str:
 def _export_preset(out: Path, preset: str) -> None:
     from echostream.export.commands import export_artifacts
 
-    export_artifacts(out, preset=preset, force=True, progress=False, log=lambda _: None)
+    export_artifacts(out, preset=preset, force=True, progress=False, log=lambda _: None,
+                     sentence_graphs=True)
 
 
 def _usable(folder: Path) -> bool:

@@ -206,3 +206,18 @@ def test_resampler_passthrough_and_errors():
         StreamingResampler(0)
     with pytest.raises(ValueError, match=r"mono samples \[n\]"):
         StreamingResampler(8000).process(np.zeros((2, 3), np.float32))
+
+
+def test_mp3_blocks_stop_where_the_decoder_stops():
+    """An MP3 header's frame count is an estimate (208782 for 208512 real frames here): the
+    blocks must hold exactly what the decoder returns, not stale buffer contents past the end."""
+    from pathlib import Path
+
+    clip = Path(__file__).resolve().parents[2] / "shared/streamspeech/example/wavs/common_voice_fr_17301936.mp3"
+    if not clip.is_file():
+        pytest.skip(f"{clip} absent")
+    whole, _ = soundfile.read(str(clip), dtype="float32")
+    for block_seconds in (0.32, 1.0):
+        blocks = np.concatenate(list(iter_audio_blocks(clip, block_seconds)))
+        assert len(blocks) == len(whole)
+        np.testing.assert_allclose(blocks, whole, atol=1e-6, rtol=0)  # 1 ulp: block decoding

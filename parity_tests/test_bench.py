@@ -16,7 +16,7 @@ from echostream.bench.report import TARGETS, check_targets, render_markdown
 from echostream.bench.timing import Timing, time_calls
 from echostream.bench.tuning import SPINNING, session_config, tuning_variants
 from echostream.cli import main as cli_main
-from echostream.contract import STAGE_NAMES
+from echostream.contract import ALL_STAGE_NAMES, STAGE_NAMES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -30,7 +30,7 @@ def quick_run(tiny_artifacts_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     code = cli_main(["bench", "--quick", "--artifacts", str(tiny_artifacts_dir), "--out", str(out),
                      "--repeats", "2", "--warmup", "0", "--baseline-budget-s", "600",
-                     "--skip", "tuning"])
+                     "--skip", "tuning", "algorithms"])
     assert code == 0
     return out, json.loads((out / "bench.json").read_text())
 
@@ -116,7 +116,7 @@ def test_pipeline_counts_calls_and_flops(quick_run):
 
 def test_backends_and_memory(quick_run):
     _, bench = quick_run
-    assert set(bench["backends"]) == set(STAGE_NAMES)
+    assert set(bench["backends"]) == set(ALL_STAGE_NAMES)  # the fixture has the sentence graph
     for entry in bench["backends"].values():
         assert entry["ratio_onnxruntime_over_torch"] == pytest.approx(
             entry["onnxruntime"]["median_s"] / entry["torch"]["median_s"])
@@ -252,3 +252,26 @@ def test_tuning_variants_and_session_config_is_scoped(tiny_artifacts):
     assert stage.session.get_session_options().get_session_config_entry(SPINNING) == "0"
     x = np.zeros(stage.contract.data_inputs[0].concrete_shape(1), np.int32)
     assert math.isfinite(float(stage.run({"x": x})[0]["y"].sum()))
+
+
+def test_algorithms_compare_the_agent_exact_and_incremental(streamspeech_tiny_artifacts_dir):
+    """The three curves on the same audio: one cost per segment each, positions aligned, the
+    agent's curve cut by its budget."""
+    from echostream.bench.algorithms import at_position, compare_algorithms
+    from echostream.runtime.translator import Translator
+
+    from test_translator import bursts
+
+    def make(backend, fidelity):
+        return Translator.from_artifacts(streamspeech_tiny_artifacts_dir, backend=backend,
+                                         fidelity=fidelity)
+
+    audio = bursts(2.0, seed=1)
+    curves = compare_algorithms(make, audio, budget_s=60.0, log=lambda _: None)
+    assert set(curves) == {"streamspeech", "exact", "incremental"}
+    for curve in curves.values():
+        assert curve["positions_s"] == pytest.approx([0.32 * (k + 1) for k in range(6)] + [2.0, 2.0])
+        assert all(ms > 0 for ms in curve["ms"]) and curve["stopped_at_s"] is None
+    assert at_position(curves["exact"], 1.0) == curves["exact"]["ms"][3]
+    tight = compare_algorithms(make, audio, budget_s=0.0, log=lambda _: None)["streamspeech"]
+    assert tight["stopped_at_s"] == 0.32 and len(tight["ms"]) == 1

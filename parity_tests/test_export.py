@@ -10,14 +10,14 @@ import onnx
 import pytest
 
 from echostream import cli
-from echostream.contract import BATCH, STAGE_NAMES, stage_contract
+from echostream.contract import ALL_STAGE_NAMES, BATCH, STAGE_NAMES, stage_contract
 from echostream.errors import ArtifactError, BackendUnavailable, EchoStreamError
 from echostream.export.manifest import add_files
 from echostream.runtime.artifacts import FORMAT_NAME, FORMAT_VERSION, load_artifacts, sha256_file
 from echostream.runtime.backends import load_stage
 from echostream.runtime.onnxruntime_backend import OrtStage
 
-EXPECTED_FILES = {f"{s}.onnx" for s in STAGE_NAMES} | {
+EXPECTED_FILES = {f"{s}.onnx" for s in ALL_STAGE_NAMES} | {
     "config.json", "weights.safetensors", "src_dict.txt", "tgt_dict.txt", "gcmvn.npz"}
 
 
@@ -51,7 +51,7 @@ def test_folder_holds_every_file_with_its_hash(tiny_artifacts_dir):
 
 def test_manifest_contracts_equal_the_shared_contract(tiny_artifacts_dir):
     manifest = _manifest(tiny_artifacts_dir)
-    assert list(manifest["stages"]) == list(STAGE_NAMES)
+    assert list(manifest["stages"]) == list(ALL_STAGE_NAMES)  # the fixture exports the sentence graphs
     for stage, entry in manifest["stages"].items():
         assert entry["contract"] == stage_contract(stage, manifest["config"]).to_dict()
         assert entry["files"] == {"fp32": f"{stage}.onnx"}
@@ -296,7 +296,8 @@ def test_host_backends_never_write_into_their_inputs(tiny_artifacts, backend):
     for token in (2, 5, 7):
         snapshot = stage.copy_state(state)
         before = {k: v.copy() for k, v in state.items()}
-        _, state = stage.run({"x": np.array([token], np.int32)}, state, context)
+        _, state = stage.run({"x": np.array([token], np.int32), "is_pad": np.zeros(1, np.int32)},
+                             state, context)
         for name, value in snapshot.items():
             np.testing.assert_array_equal(value, before[name], err_msg=f"{backend} wrote into {name}")
         assert int(state["target_positions"][0]) == int(before["target_positions"][0]) + 1

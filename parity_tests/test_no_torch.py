@@ -34,6 +34,8 @@ SCRIPT = textwrap.dedent('''
 
     def data(spec, stage):
         shape = spec.concrete_shape(B)
+        if spec.name == "is_pad":
+            return np.zeros(shape, np.int32)
         if spec.dtype == "int32":
             high = cfg["ctc"]["tgt_vocab_size"] if stage == "mt_decoder" else cfg["vocoder"]["num_units"]
             low = 0 if stage == "mt_decoder" else -1

@@ -86,8 +86,11 @@ def test_torch_backend_runs_the_reference_exactly(tiny_artifacts, tiny_model):
     tokens = torch.tensor([2, 17], dtype=torch.int32)
     state = {k: torch.from_numpy(v) for k, v in stage.initial_state(2).items()}
     with torch.inference_mode():
-        want, want_state = tiny_model.stage_step("mt_decoder")({"x": tokens, **context}, state)
-    got, got_state = stage.run({"x": tokens.numpy()}, {k: v.numpy() for k, v in state.items()},
+        is_pad = torch.tensor([0, 1], dtype=torch.int32)
+        want, want_state = tiny_model.stage_step("mt_decoder")(
+            {"x": tokens, "is_pad": is_pad, **context}, state)
+    got, got_state = stage.run({"x": tokens.numpy(), "is_pad": is_pad.numpy()},
+                               {k: v.numpy() for k, v in state.items()},
                                {k: v.numpy() for k, v in context.items()})
     for name in want:
         np.testing.assert_array_equal(got[name], want[name].numpy())

@@ -152,7 +152,7 @@ def test_source_capacity_ends_the_sentence_where_the_next_segment_would_not_fit(
     assert isinstance(end, EndOfStream)
     assert end.translation_ids == first.translation_ids + last.translation_ids
     assert end.num_samples == first.num_samples + last.num_samples
-    assert stream.sentences == ends
+    assert stream.transcript.sentences == len(ends) and stream.transcript.last == ends[-1]
 
 
 def test_target_capacity_ends_the_sentence_at_exactly_max_target_tokens(tiny_artifacts_dir):

@@ -1,20 +1,26 @@
-"""Long streams (issue #7.3), the CI-sized variant: nothing grows while a stream runs.
+"""Endless streams (issues #7.3, #14), the CI-sized variant: nothing grows while a stream runs and
+the endpoints are the pauses.
 
-- ``bench/soak.py`` itself, for 2 minutes of audio in a fresh process (so RSS is the runtime's,
-  not pytest's): no state tensor changes shape, no buffer or Python object count grows after the
-  warm-up, RSS grows < 5 % after the warm-up, and torch is never imported. (Its per-segment *time*
-  verdict is not asserted: timings belong to benchmarks, and CI machines are shared.)
+- ``bench/soak.py`` itself, for 2 minutes of espeak-ng sentences with pauses (synthetic sentences
+  where espeak-ng is missing) in a fresh process (so RSS is the runtime's, not pytest's), one
+  stream, endpointing on, never reset: no state tensor changes shape, no buffer or Python object
+  count grows after the warm-up, RSS grows < 5 % after the warm-up, every inserted pause and only
+  they gave an endpoint, and torch is never imported. (Its per-segment *time* verdict is not
+  asserted: timings belong to benchmarks, and CI machines are shared. Its capacity verdict is not
+  either: the tiny preset's 32-token sentences fill up under a random-weight MT decoder.)
+- The verdicts fail on the trends they exist for.
 - In process, after *every* call of a 40 s stream with end-of-sentence resets: every state tensor
   keeps its contract dtype and shape, the stream holds less than one policy segment's window of
   fbank frames (the analytic bound), the synthesiser holds only the units and frames that wait
   for right context, and a reset really forgets the sentence (tokens, units, states back to zero).
 
-The hour-long run is the documented command in ``docs/reliability.md``.
+The hour-long run on the full preset is the documented command in ``docs/reliability.md``.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,23 +49,42 @@ soak = load_soak_module()
 
 def test_soak_script_short_run(tmp_path, tiny_artifacts_dir):
     out = tmp_path / "soak.json"
+    speech = "espeak" if shutil.which("espeak-ng") else "synthetic"
     proc = subprocess.run(
         [sys.executable, str(SOAK), "--artifacts", str(tiny_artifacts_dir), "--minutes", "2",
-         "--interval-s", "10", "--verdicts", "state,rss", "--out", str(out), "--no-plot"],
+         "--interval-s", "10", "--speech", speech, "--silence-stand-in",
+         "--verdicts", "state,rss,endpoints", "--out", str(out), "--no-plot"],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     verdicts, records = result["verdicts"], result["records"]
-    assert verdicts["state"]["ok"] and verdicts["rss"]["ok"], verdicts
+    assert all(verdicts[v]["ok"] for v in ("state", "rss", "endpoints")), verdicts
     assert not result["settings"]["torch_imported"]
     assert result["summary"]["audio_s"] == pytest.approx(120.0, abs=0.2)
-    assert len(records) == 12 and result["summary"]["sentences"] >= 10
+    assert len(records) == 12
+    # one endless stream: every pause ended a sentence, and only the pauses did (or capacity)
+    pauses, ends = result["pauses_s"], result["endpoints"]
+    assert len(pauses) >= 10 and verdicts["endpoints"]["right"] == len(pauses)
+    assert {e["reason"] for e in ends} <= {"pause", "target_capacity", "source_capacity",
+                                           "end_of_input"}
+    assert ends[-1]["reason"] == "end_of_input"
     # the state never changes size, and work was really done in every interval
     assert len(verdicts["state"]["state_bytes"]) == 1 and verdicts["state"]["state_bytes"][0] > 0
     assert not any(r["state_changed"] for r in records)
-    assert all(r["segments"] > 0 and r["asr_tokens"] > 0 for r in records)
+    assert all(r["segments"] > 0 for r in records) and sum(r["asr_tokens"] for r in records) > 0
     assert sum(r["speech_samples"] for r in records) > 0
-    assert "verdict state PASS" in proc.stdout and "verdict rss   PASS" in proc.stdout
+    for name in ("state", "rss", "endpoints"):
+        assert f"verdict {name:<9} PASS" in proc.stdout
+
+
+def test_soak_refuses_to_overwrite(tmp_path, tiny_artifacts_dir):
+    out = tmp_path / "soak.json"
+    out.write_text("mine")
+    proc = subprocess.run([sys.executable, str(SOAK), "--artifacts", str(tiny_artifacts_dir),
+                           "--minutes", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    assert out.read_text() == "mine"
 
 
 def test_verdicts_catch_growth():
@@ -68,13 +93,15 @@ def test_verdicts_catch_growth():
                changed: bool = False):
         return soak.Interval(
             audio_s=60.0 * (i + 1), wall_s=6.0 * (i + 1), rss_mib=rss, py_objects=objects,
-            segments=100, seg_ms_median=ms, seg_ms_p95=ms, seg_ms_max=ms, rtf=0.1, sentences=5,
-            flush_ms_max=50.0, state_bytes=1000, state_changed=changed,
+            segments=100, seg_ms_median=ms, seg_ms_p95=ms, seg_ms_max=ms, seg_cpu_ms_median=ms,
+            rtf=0.1, sentences=5,
+            capacity_cuts=0, state_bytes=1000, state_changed=changed,
             buffered_frames_max=frames, pending_units_max=2, asr_tokens=10,
             translation_tokens=10, speech_samples=100)
 
     flat = [record(i, 100.0) for i in range(60)]
-    assert all(v["ok"] for v in soak.verdicts(flat).values())
+    assert all(soak.verdicts(flat)[v]["ok"] for v in ("state", "rss", "time", "capacity"))
+    assert not soak.verdicts(flat)["endpoints"]["ok"], "no pause, no endpoint: nothing shown"
     leaking = [record(i, 100.0 + 0.2 * i) for i in range(60)]  # +12 % over the hour
     assert not soak.verdicts(leaking)["rss"]["ok"]
     objects = [record(i, 100.0, objects=1000 + 5 * i) for i in range(60)]
@@ -85,6 +112,28 @@ def test_verdicts_catch_growth():
     assert not soak.verdicts(reshaped)["state"]["ok"]
     slowing = [record(i, 100.0, ms=10.0 + 0.2 * i) for i in range(60)]
     assert not soak.verdicts(slowing)["time"]["ok"]
+    slightly = [record(i, 100.0, ms=10.0 + 0.04 * i) for i in range(60)]  # +21 %: over 1.1
+    assert not soak.verdicts(slightly)["time"]["ok"]
+
+
+def test_endpoint_scores_count_misses_and_extras():
+    pauses = [(5.0, 7.0), (12.0, 14.0), (20.0, 22.0)]
+
+    def at(*times, reason="pause"):
+        return [{"reason": reason, "source_s": t} for t in times]
+
+    assert soak.endpoint_scores(pauses, at(6.0, 13.5, 22.2), 0.32)["precision"] == 1.0
+    missed = soak.endpoint_scores(pauses, at(6.0, 13.5), 0.32)
+    assert missed["recall"] == pytest.approx(2 / 3, abs=1e-4) and missed["missed_pauses_s"] == [20.0]
+    extra = soak.endpoint_scores(pauses, at(6.0, 6.5, 9.0, 13.5, 21.0), 0.32)
+    assert extra["precision"] == pytest.approx(3 / 5, abs=1e-4) and extra["recall"] == 1.0
+    late = soak.endpoint_scores(pauses, at(6.0, 13.5, 22.5), 0.32)  # after the grace
+    assert late["right"] == 2
+    flat = [soak.Interval(60.0 * (i + 1), 6.0 * (i + 1), 100.0, 1000, 100, 10.0, 10.0, 10.0, 10.0, 0.1,
+                          5, 0, 1000, False, 30, 2, 10, 10, 100) for i in range(10)]
+    cut = soak.verdicts(flat, pauses, at(6.0, 13.5, 21.0) + at(25.0, reason="target_capacity"))
+    assert cut["endpoints"]["ok"] and not cut["capacity"]["ok"]
+    assert cut["capacity"]["capacity_cuts"] == 1
 
 
 def test_every_call_keeps_state_bounded(tiny_artifacts_dir):
@@ -100,7 +149,7 @@ def test_every_call_keeps_state_bounded(tiny_artifacts_dir):
     bound = translator.window + (translator.steps_per_segment - 1) * translator.hop
     fed, sentence = 0.0, 0
     while fed < 40.0:
-        x = soak.synthetic_sentence(sentence, 16000)
+        x = soak.synthetic_speech(sentence, 16000)
         for start in range(0, x.size, 1600):
             stream.accept_waveform(16000, x[start:start + 1600])
             translator.decode(stream)

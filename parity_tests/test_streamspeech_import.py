@@ -313,11 +313,12 @@ def test_imported_folder_carries_the_data_files_and_their_origin(imported, files
 def test_import_export_lint_parity_translate_with_real_vocabularies(imported, tmp_path, capsys):
     """What a StreamSpeech user runs: the imported folder exports every stage (the chunk Conformer
     encoder included), lints clean, every stage passes ORT parity, the real fr-en dictionaries and
-    CMVN reach the artifacts, and ``translate`` on the Common Voice clips prints text made of the
-    real SentencePiece pieces (random weights: real pieces, not a real translation)."""
+    CMVN reach the artifacts, and ``translate`` on the Common Voice clips (incremental, and exact:
+    StreamSpeech's agent) prints text made of the real SentencePiece pieces (random weights: real
+    pieces, not a real translation)."""
     import sentencepiece
 
-    from echostream.contract import STAGE_NAMES
+    from echostream.contract import ALL_STAGE_NAMES
     from echostream.export.parity import run_parity
     from echostream.runtime.artifacts import load_artifacts
     from echostream.runtime.vocab import Vocabulary
@@ -326,7 +327,7 @@ def test_import_export_lint_parity_translate_with_real_vocabularies(imported, tm
     assert cli.main(["export", "--checkpoint", str(imported["omegaconf"]), "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()
     artifacts = load_artifacts(out)
-    assert artifacts.stages == list(STAGE_NAMES)
+    assert artifacts.stages == list(ALL_STAGE_NAMES)  # the sentence graphs: a chunk Conformer default
     assert cli.main(["lint", str(out)]) == 0, capsys.readouterr().out
     results = run_parity(artifacts, "onnxruntime", steps=10)
     failed = [f"{r.stage}/{r.check}: {r.max_abs:.2e}" for r in results if not r.passed]
@@ -344,9 +345,12 @@ def test_import_export_lint_parity_translate_with_real_vocabularies(imported, tm
     # translate the real French clips (48 kHz MP3) and read the report
     sp = {side: sentencepiece.SentencePieceProcessor(model_file=str(imported["omegaconf"] / f"{side}_spm.model"))
           for side in ("src", "tgt")}
-    for clip in sorted((SHARED / "example" / "wavs").glob("*.mp3")):
-        report = tmp_path / f"{clip.stem}.json"
-        assert cli.main(["translate", str(clip), "--artifacts", str(out), "--json", str(report)]) == 0
+    clips = sorted((SHARED / "example" / "wavs").glob("*.mp3"))
+    runs = [(clip, "incremental") for clip in clips] + [(clips[0], "exact")]  # the agent, call for call
+    for clip, fidelity in runs:
+        report = tmp_path / f"{clip.stem}-{fidelity}.json"
+        assert cli.main(["translate", str(clip), "--artifacts", str(out), "--json", str(report),
+                         "--fidelity", fidelity]) == 0
         printed = capsys.readouterr().out
         doc = json.loads(report.read_text())
         asr_ids = [t for e in doc["events"] if e["type"] == "asr" for t in e["token_ids"]]

@@ -237,11 +237,12 @@ def test_force_overwrites_and_failed_write_leaves_nothing(capsys, tmp_path, scri
     assert _run(capsys, inp, "--artifacts", "x", "--out", out, "--force")[0] == 0
     assert soundfile.info(out).samplerate == RATE
 
-    def broken(path, *args):
-        Path(path).write_bytes(b"half a file")
+    def broken(self, samples):
+        Path(self.path).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(translate_cli, "_write_audio", broken)
+    monkeypatch.setattr(translate_cli.SpeechFile, "_append",
+                        lambda self, samples: self._checked(lambda: broken(self, samples)))
     fresh = tmp_path / "fresh.wav"
     rc, _, err = _run(capsys, inp, "--artifacts", "x", "--out", fresh)
     _assert_user_error(rc, err, "cannot write", "No space left on device")
@@ -327,3 +328,37 @@ def test_real_speech_espeak(capsys, tmp_path, tiny_dir):
     report = _translate(capsys, tiny_dir, wav)
     assert report["input"]["sample_rate"] == soundfile.info(wav).samplerate
     assert report["events"][-1]["type"] == "end"
+
+
+def test_sentences_with_pauses_get_their_own_metrics_and_speech_streams_to_disk(
+        capsys, tmp_path, tiny_dir):
+    """An endless-stream input (issue 14): every pause ends a sentence in the JSON, each with its
+    own SimulEval metrics (delays from its start, compute from the previous sentence's end), and
+    the speech file equals the chunks joined (written as they came, not kept in memory)."""
+    pause = np.zeros(int(1.6 * RATE), np.float32)
+    audio = np.concatenate([_speech_like(1.5, seed=1), pause, _speech_like(1.8, seed=2), pause,
+                            _speech_like(1.2, seed=3)])
+    inp, out = _write(tmp_path / "three.wav", audio), tmp_path / "three-out.wav"
+    report = _translate(capsys, tiny_dir, inp, "--endpoint-silence-floor", "-15", "--out", out)
+    sentences = report["sentences"]
+    assert [s["reason"] for s in sentences] == ["pause", "pause", "end_of_input"]
+    bounds = [s["start_ms"] for s in sentences] + [report["metrics"]["source_ms"]]
+    assert bounds == sorted(bounds) and bounds[0] == 0.0
+    ends = [e for e in report["events"] if e["type"] == "end_of_sentence"]
+    compute = [0.0] + [e["wall_ms"] for e in ends]
+    for k, s in enumerate(sentences):
+        text = s["metrics"]["text"]
+        assert text["count"] > 0
+        length = s["end_ms"] - s["start_ms"]
+        assert 0.0 <= text["StartOffset"] <= length  # from the sentence's start, not the stream's
+        own = compute[k + 1] - compute[k]  # this sentence's compute only
+        assert 0.0 <= text["AL_CA"] - text["AL"] <= own + 1e-3
+    samples, rate = soundfile.read(out, dtype="float32")
+    assert rate == report["speech"]["sample_rate"] and len(samples) == report["speech"]["num_samples"]
+    assert len(samples) == sum(e["num_samples"] for e in report["events"] if e["type"] == "speech")
+
+
+def test_silence_floor_needs_endpointing(capsys, good_wav):
+    rc, _, err = _run(capsys, good_wav, "--artifacts", "x", "--no-endpoint",
+                      "--endpoint-silence-floor", "-15")
+    _assert_user_error(rc, err, "--endpoint-silence-floor", "needs endpointing")

@@ -9,8 +9,8 @@ request loops are bounded. The tests skip, with the reason, when no ``tritonserv
 """
 from __future__ import annotations
 
+import importlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,8 +25,7 @@ import soundfile
 
 from echostream.cli import main as cli_main
 from echostream.runtime import triton_protocol as wire
-from echostream.runtime.events import (AsrText, EndOfSentence, EndOfStream, SpeechChunk,
-                                       TranslationText)
+from echostream.runtime.events import SpeechChunk
 from echostream.runtime.triton_repo import write_repository
 
 RATE = 16000
@@ -54,7 +53,7 @@ def triton_setup():
     from echostream.runtime.triton_server import find_tritonserver, resolve_model_env
 
     try:
-        import tritonclient.grpc  # noqa: F401
+        importlib.import_module("tritonclient.grpc")
     except ImportError as exc:
         pytest.skip(f"tritonclient[grpc] is not installed ({exc}); scripts/setup.sh installs it")
     try:
@@ -88,9 +87,11 @@ def server(repo, triton_setup, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local(tiny_artifacts_dir):
+    from echostream.runtime.endpoint import EndpointConfig
     from echostream.runtime.translator import Translator
 
-    return Translator.from_artifacts(tiny_artifacts_dir, threads=1)
+    # The served model's rules: `triton-repo` defaults to `translate`'s (endpointing on).
+    return Translator.from_artifacts(tiny_artifacts_dir, threads=1, endpoint=EndpointConfig())
 
 
 def _in_process(translator, audio: np.ndarray, rate: int = RATE, segment: int = SEGMENT):
@@ -134,6 +135,17 @@ def _metric(server, name: str, **labels) -> float:
     from echostream.runtime.triton_server import metric_sum
 
     return metric_sum(_metrics(server), name, **labels)
+
+
+def _counted(server, name: str, before: float, expected: int) -> float:
+    """Triton's counter ``name`` minus ``before``, once it reached ``expected`` (the backend
+    records a request's statistics just after its response went out) or after 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        value = _metric(server, name, model="echostream") - before
+        if value >= expected or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
 
 
 def _wait_for(predicate, timeout_s: float, what: str):
@@ -242,9 +254,10 @@ def test_eight_concurrent_streams_each_equal_the_in_process_run(server, local):
         want = _in_process(local, audios[k], rates[k], rates[k] * 320 // 1000)
         assert want[-1].kind == "end" and any(e.kind == "translation" for e in want)
         _assert_same_events(results[k], want)
-    requests = _metric(server, "nv_inference_count", model="echostream") - before_requests
+    expected = sum(-(-len(a) // (r * 320 // 1000)) + 1 for a, r in zip(audios, rates))
+    requests = _counted(server, "nv_inference_count", before_requests, expected)
     execs = _metric(server, "nv_inference_exec_count", model="echostream") - before_execs
-    assert requests == sum(-(-len(a) // (r * 320 // 1000)) + 1 for a, r in zip(audios, rates))
+    assert requests == expected
     assert execs < requests  # one execute served several sequences' chunks (one decode round)
     assert _metric(server, "echostream_live_sequences") == 0
 
@@ -541,7 +554,7 @@ def test_bench_triton_part_measures_both_sides(tiny_artifacts_dir, triton_setup)
                                       "versions": {}},
                           "settings": {"threads": 1, "repeats": 1, "warmup": 0}, "mode": "quick",
                           "preset": "tiny", "command": "c", "targets": [row], "triton": part})
-    assert "## 8. Serving through Triton vs in process" in md
+    assert "## 9. Serving through Triton vs in process" in md
     assert md.count("\n| 1 | ") == 1 and md.count("\n| 3 | ") == 1
     unavailable = {r["target"]: r for r in check_targets(
         {"triton": {"available": False, "note": "no tritonserver found"}})}

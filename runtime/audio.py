@@ -126,8 +126,7 @@ def iter_audio_blocks(path: str | os.PathLike, block_seconds: float = 1.0) -> It
     blocksize = max(1, int(round(block_seconds * info.sample_rate)))
     offset = 0
     try:
-        for block in soundfile.blocks(info.path, blocksize=blocksize, dtype="float32",
-                                      always_2d=True):
+        for block in _blocks(info.path, blocksize):
             samples = downmix(block)
             check_samples(samples, info.sample_rate, where=info.path, offset=offset)
             offset += samples.shape[0]
@@ -139,6 +138,18 @@ def iter_audio_blocks(path: str | os.PathLike, block_seconds: float = 1.0) -> It
         ) from None
     if offset == 0:
         raise AudioError(f"{info.path}: contains no samples (0 frames could be read)")
+
+
+def _blocks(path: str, blocksize: int) -> Iterator[np.ndarray]:
+    """Blocks of what the decoder really returns. (``soundfile.blocks`` trusts the header's frame
+    count; for MP3 that is an estimate, and the frames past the real end come back as whatever
+    the buffer held.)"""
+    with soundfile.SoundFile(path) as f:
+        while True:
+            block = f.read(blocksize, dtype="float32", always_2d=True)
+            if not len(block):
+                return
+            yield block
 
 
 def scan_audio(path: str | os.PathLike, block_seconds: float = 10.0) -> AudioInfo:

@@ -87,6 +87,7 @@ class IncrementalCTC:
     def reset(self) -> None:
         self.tokens: list[int] = []
         self.frames = 0
+        self.trailing_blank = 0  # frames at the end whose label is the blank (endpointing)
         self._previous = _NO_LABEL
 
     @property
@@ -105,6 +106,9 @@ class IncrementalCTC:
         labels = greedy_labels(scores, self.suppress)
         new = collapse(labels, self.drop, self._previous)
         self._previous = int(labels[-1])
+        not_blank = np.flatnonzero(labels != self.blank)
+        self.trailing_blank = (len(labels) - 1 - int(not_blank[-1]) if not_blank.size
+                               else self.trailing_blank + len(labels))
         self.frames += int(labels.shape[0])
         self.tokens.extend(new)
         return new

@@ -19,18 +19,24 @@ import numpy as np
 
 @dataclass(frozen=True)
 class _TextEvent:
-    """Text with the token ids it decodes, stamped with the source time of its emission."""
+    """Text with the token ids it decodes, stamped with the source time of its emission.
+
+    ``replaces``: how many tokens of the text reported before this event it takes back first
+    (always 0 in the ``incremental`` fidelity mode, where nothing is retracted; the ``exact`` mode
+    reports StreamSpeech's agent, whose hypotheses can shrink: the ASR over a chunk still in
+    progress, the whole-word cut of the translation)."""
 
     text: str
     token_ids: tuple[int, ...]
     source_ms: float
     compute_ms: float = field(default=0.0, compare=False)  # wall-clock: not part of equality
+    replaces: int = 0
 
     kind = "text"
 
     def to_json(self) -> dict:
         return {"type": self.kind, "text": self.text, "token_ids": list(self.token_ids),
-                "source_ms": round(float(self.source_ms), 3),
+                "replaces": self.replaces, "source_ms": round(float(self.source_ms), 3),
                 "compute_ms": round(float(self.compute_ms), 3)}
 
 
@@ -84,7 +90,7 @@ class SpeechChunk:
                 "compute_ms": round(float(self.compute_ms), 3)}
 
 
-SENTENCE_END_REASONS = ("source_capacity", "target_capacity", "end_of_input")
+SENTENCE_END_REASONS = ("pause", "source_capacity", "target_capacity", "end_of_input")
 
 
 @dataclass(frozen=True)
@@ -92,10 +98,10 @@ class EndOfSentence:
     """A sentence ended: its translation was decoded to ``</s>`` and its speech flushed; the
     decoder states restart with the next segment.
 
-    ``reason``: ``"source_capacity"`` (the next segment would not fit the sentence's
-    ``max_source_frames``), ``"target_capacity"`` (``max_target_tokens`` tokens committed) or
-    ``"end_of_input"``. ``start_ms`` is where the sentence's audio began; the texts, ids and
-    ``num_samples`` are the sentence's own.
+    ``reason``: ``"pause"`` (the endpoint rule: text, then a pause), ``"source_capacity"`` (the
+    next segment would not fit the sentence's ``max_source_frames``), ``"target_capacity"``
+    (``max_target_tokens`` tokens committed) or ``"end_of_input"``. ``start_ms`` is where the
+    sentence's audio began; the texts, ids and ``num_samples`` are the sentence's own.
     """
 
     reason: str

@@ -202,6 +202,15 @@ class MTState:
         return self.committed[-1] if self.committed else eos
 
 
+_NOT_PAD = np.zeros(1, np.int32)
+_PAD = np.ones(1, np.int32)
+
+
+def mt_feed(token: int, is_pad: bool = False) -> dict[str, np.ndarray]:
+    """The ``mt_decoder`` data inputs for one token of one stream."""
+    return {"x": np.array([token], np.int32), "is_pad": _PAD if is_pad else _NOT_PAD}
+
+
 def generate(mt: MTState, context: StageState, max_len: int, cfg: PolicyConfig, eos: int,
              pad: int) -> Program:
     """Program: greedy decode from the committed prefix until ``</s>`` (predicted, or forced at
@@ -223,7 +232,7 @@ def generate(mt: MTState, context: StageState, max_len: int, cfg: PolicyConfig, 
         else:
             snapshot = mt.state
         hyp.states.append(snapshot)
-        out, state = yield StageCall("mt_decoder", {"x": np.array([token], np.int32)}, state, context)
+        out, state = yield StageCall("mt_decoder", mt_feed(token), state, context)
         hyp.hidden.append(np.array(out["hidden"][0], copy=True))
         token = greedy_next_token(out["y"][0], start + len(hyp.tokens), max_len, cfg, eos, pad)
         if token == eos:

@@ -43,12 +43,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from echostream.runtime.triton_server import (TritonServer, find_tritonserver, model_python,
+    from echostream.runtime.triton_server import (TritonServer, find_tritonserver,
                                                   resolve_model_env, setup_model_env)
 
     if args.setup_model_env:
         env = setup_model_env(args.model_env, log=lambda m: print(f"echostream serve: {m}"))
-        print(f"echostream serve: serve with: echostream serve REPO"
+        print("echostream serve: serve with: echostream serve REPO"
               + (f" --model-env {args.model_env}" if args.model_env else ""))
         return 0 if env else 1
     if not args.repo:

@@ -9,6 +9,7 @@ Create streams with :meth:`Translator.create_stream`.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,31 @@ class StageClock:
         return {s: {"calls": self.calls[s], "seconds": self.seconds[s]} for s in self.seconds}
 
 
+class Transcript:
+    """What the ended sentences said, for the stream's ``EndOfStream``: texts and target ids of
+    every sentence, kept compactly (strings and one int array, no object per sentence), so an
+    endless stream's memory grows with its text alone (~100 bytes a sentence).
+    """
+
+    def __init__(self) -> None:
+        self.sentences = 0
+        self.asr_texts: list[str] = []
+        self.translation_texts: list[str] = []
+        self.translation_ids = array("q")
+        self.num_samples = 0
+        self.last: EndOfSentence | None = None
+
+    def add(self, end: EndOfSentence) -> None:
+        self.sentences += 1
+        if end.asr_text:
+            self.asr_texts.append(end.asr_text)
+        if end.translation_text:
+            self.translation_texts.append(end.translation_text)
+        self.translation_ids.extend(end.translation_ids)
+        self.num_samples += end.num_samples
+        self.last = end
+
+
 @dataclass
 class Sentence:
     """The sentence in progress: where its audio starts, its stage states and bookkeeping.
@@ -73,7 +99,9 @@ class Sentence:
     synthesis: SynthesisState
     encoder_steps: int = 0
     num_samples: int = 0  # speech samples of this sentence
-    exact: Any = None  # the exact-fidelity bookkeeping (runtime/exact.py), when that mode runs
+    encoder_origin: int | None = None  # where the encoder state began (frames before it: zeros)
+    exact: Any = None  # the exact-fidelity bookkeeping (runtime/exact.py AgentBook)
+    agent: Any = None  # the exact mode's PyTorch reference agent (backend "torch")
 
 
 @dataclass
@@ -87,8 +115,9 @@ class Stream:
     resampler: StreamingResampler | None = None
     input_done: bool = False
     finished: bool = False  # input finished and every output (through EndOfStream) returned
-    sentences: list[EndOfSentence] = field(default_factory=list)
+    transcript: Transcript = field(default_factory=Transcript)  # the sentences already ended
     window: np.ndarray | None = None  # the encoder's fbank window, reused every step
+    calls: int = 0  # exact fidelity: agent calls made (one per segment of audio)
 
     # ---- audio input ----------------------------------------------------------------------------
 

@@ -165,8 +165,14 @@ def flush(state: SynthesisState, w: SynthesisWindows) -> Program:
 
 def _finalize_durations(state: SynthesisState, w: SynthesisWindows, final: bool) -> Program:
     """Predict durations for every unit that has its right context -> expanded frames."""
+    units, durations = yield from _predict_durations(state, w, final)
+    return np.repeat(units, durations) if len(units) else _EMPTY
+
+
+def _predict_durations(state: SynthesisState, w: SynthesisWindows, final: bool) -> Program:
+    """Durations of every unit that has its right context -> (those units, their durations)."""
     c, step = w.dur_context, w.dur_width - 2 * w.dur_context
-    frames = []
+    done, durations = [], []
     while True:
         ready = len(state.units) - (0 if final else c)
         if ready <= 0:
@@ -175,10 +181,32 @@ def _finalize_durations(state: SynthesisState, w: SynthesisWindows, final: bool)
         # Window: c left-context units, n units to finalize, up to c right-context units.
         x = _window(state.unit_context, state.units[:n + c], c, w.dur_width)
         log_dur = (yield from _run("duration", x, w.dur_width))[0, c:c + n]
-        frames.append(np.repeat(state.units[:n], durations_from_log(log_dur)))
+        done.append(state.units[:n])
+        durations.append(durations_from_log(log_dur))
         state.unit_context = _tail(np.concatenate([state.unit_context, state.units[:n]]), c)
         state.units = state.units[n:]
-    return np.concatenate(frames) if frames else _EMPTY
+    if not done:
+        return _EMPTY, np.zeros(0, np.int64)
+    return np.concatenate(done), np.concatenate(durations)
+
+
+def tail(w: SynthesisWindows, units: Sequence[int] | np.ndarray, new: int) -> Program:
+    """Program: the samples that whole-utterance synthesis of ``units`` gives its last ``new``
+    units (StreamSpeech's agent vocodes the whole unit sequence at every write and emits that
+    tail), computed from windows: durations of the new units and of the ``window_left`` units
+    before them (their frames are the vocoder's left context), each with its duration context,
+    the sequence end as right context. Returns float32 samples."""
+    units = check_units(units, w.num_codes)
+    first_new = len(units) - new
+    start = max(0, first_new - w.left)  # every unit is >= 1 frame: enough left context frames
+    state = SynthesisState(unit_context=units[max(0, start - w.dur_context):start],
+                           units=units[start:])
+    done, durations = yield from _predict_durations(state, w, final=True)
+    frames = np.repeat(done, durations).astype(np.int32)
+    context = int(durations[:first_new - start].sum())
+    state.frame_context = _tail(frames[:context], w.left)
+    state.frames = frames[context:]
+    return _emit(state, (yield from _synthesize(state, w, final=True)))
 
 
 def _add_frames(state: SynthesisState, frames: np.ndarray) -> None:

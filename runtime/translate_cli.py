@@ -26,15 +26,18 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from echostream.atomic import atomic_file
 from echostream.runtime.artifacts import PRECISIONS
 from echostream.runtime.backends import BACKENDS
+from echostream.runtime.endpoint import EndpointConfig
+from echostream.runtime.translator import FIDELITIES
 from echostream.errors import EchoStreamError
 
 AUDIO_OUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
@@ -57,6 +60,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "Conformer's chunk x 40 ms (default 320; with --server: the chunk size "
                              "sent, default the served segment)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    add_model_options(parser)
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="intra-op threads (onnxruntime backend)")
     parser.add_argument("--out", metavar="OUT.wav",
@@ -70,6 +74,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true",
                         help="re-hash every artifact file (by default a file unchanged since its "
                              "sha256 last matched is not re-read)")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The sentence options of the model (endpointing, fidelity); `echostream triton-repo` bakes
+    the same ones into a served model."""
+    parser.add_argument("--endpoint", action=argparse.BooleanOptionalAction, default=None,
+                        help="end sentences at pauses (the ASR head's blanks; default: on, off "
+                             "with --fidelity exact)")
+    parser.add_argument("--endpoint-after-text-ms", type=float, default=None, metavar="MS",
+                        help="a pause after text this long ends the sentence (default 1000)")
+    parser.add_argument("--endpoint-no-text-ms", type=float, default=None, metavar="MS",
+                        help="silence without text this long restarts the sentence (default 3000)")
+    parser.add_argument("--endpoint-silence-floor", type=float, default=None, metavar="LOGMEL",
+                        help="energy gate: encoder frames whose every mel bin lies below this raw "
+                             "log-mel read as blank (digital silence is -15.9, speech > 0; the "
+                             "seeded random-weight presets need -15 to see pauses; default: off)")
+    parser.add_argument("--carry-encoder", action="store_true",
+                        help="keep the Emformer's state across sentences (default: fresh, as "
+                             "StreamSpeech trains)")
+    parser.add_argument("--fidelity", choices=FIDELITIES, default="incremental",
+                        help="incremental: O(1) per segment, committed tokens keep their states "
+                             "(default); exact: StreamSpeech's agent, call for call (re-decodes the "
+                             "sentence at every write; needs the artifacts' sentence graphs)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -90,12 +117,14 @@ def main(args: argparse.Namespace) -> int:
     info = scan_audio(args.input)  # every sample, before any model is loaded
     on_event = None if args.quiet else _print_event
     if args.server is not None:
+        _check_server_options(args)
         from echostream.runtime.triton_client import TritonTranslator, translate_remote
 
         client = TritonTranslator([u.strip() for u in args.server.split(",") if u.strip()])
         args.segment_ms = args.segment_ms or client.segment_ms
-        run = translate_remote(client, info, args.segment_ms, args.realtime, on_event=on_event)
-        args.backend, args.precision = f"triton {args.server}", "(server's)"
+
+        def translate(on_speech=None):
+            return translate_remote(client, info, args.segment_ms, args.realtime, on_event, on_speech)
     else:
         args.segment_ms = args.segment_ms or 320
         translator = _load_translator(args)
@@ -103,14 +132,18 @@ def main(args: argparse.Namespace) -> int:
             if vocab.notice:
                 print(vocab.notice, file=sys.stderr)
                 break
-        run = translate_file(translator, info, args.segment_ms, on_event=on_event)
+
+        def translate(on_speech=None):
+            return translate_file(translator, info, args.segment_ms, on_event, on_speech)
+    if "out" in outputs:  # speech goes to disk as it comes: memory stays flat over hours of input
+        with _speech_file(outputs["out"], args) as speech:
+            run = translate(speech.write)
+    else:
+        run = translate()
+    if args.server is not None:
+        args.backend, args.precision = f"triton {args.server}", "(server's)"
     report = run.report(info, args)
     _print_summary(run, report, args)
-    if "out" in outputs:
-        samples = run.timeline_samples() if args.timeline else run.samples()
-        fmt = AUDIO_OUT_FORMATS[outputs["out"].suffix.lower()]
-        _write_atomic(outputs["out"], args.force,
-                      lambda p: _write_audio(p, samples, run.sample_rate, *fmt))
     if "json" in outputs:
         text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
         _write_atomic(outputs["json"], args.force, lambda p: Path(p).write_text(text, encoding="utf-8"))
@@ -120,9 +153,106 @@ def main(args: argparse.Namespace) -> int:
 # ---- running ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SpeechNote:
+    """A ``SpeechChunk`` as a run keeps it: everything but the samples."""
+
+    num_samples: int
+    sample_rate: int
+    source_ms: float
+    unit_ids: tuple[int, ...]
+    compute_ms: float
+    record: dict = field(compare=False, repr=False)  # the chunk's to_json()
+
+    kind = "speech"
+
+    @classmethod
+    def of(cls, chunk) -> "SpeechNote":
+        return cls(len(chunk.samples), chunk.sample_rate, chunk.source_ms, tuple(chunk.unit_ids),
+                   chunk.compute_ms, chunk.to_json())
+
+    @property
+    def duration_ms(self) -> float:
+        return 1000.0 * self.num_samples / self.sample_rate
+
+    def to_json(self) -> dict:
+        return self.record
+
+
+class SpeechFile:
+    """Translated speech written chunk by chunk to ``path`` (opened at the first chunk, at its
+    sample rate; an empty 16 kHz file if no chunk came). ``timeline``: silences inserted where the
+    output waited for the source, on SimulEval's listening timeline (``metrics.speech_intervals``:
+    a chunk starts at max(its delay, the previous chunk's end), the first at its own delay).
+    ``shown``: the file name errors name (the user's, not the temp file's)."""
+
+    def __init__(self, path: str, fmt: str, subtype: str, timeline: bool, shown: Path):
+        self.path, self.fmt, self.subtype, self.timeline, self.shown = path, fmt, subtype, timeline, shown
+        self.file = None
+        self.written = 0
+        self.origin_ms = self.prev_end_ms = 0.0
+
+    def write(self, chunk) -> None:
+        if not len(chunk.samples):
+            return
+        if self.file is None:
+            self._open(chunk.sample_rate)
+            self.origin_ms = self.prev_end_ms = chunk.source_ms
+        if self.timeline:
+            start = max(self.prev_end_ms, chunk.source_ms)
+            gap = int(round((start - self.origin_ms) * chunk.sample_rate / 1000.0)) - self.written
+            if gap > 0:
+                self._append(np.zeros(gap, np.float32))
+            self.prev_end_ms = start + chunk.duration_ms
+        self._append(chunk.samples)
+
+    def close(self) -> None:
+        if self.file is None:
+            self._open(16000)
+        self._checked(self.file.close)
+
+    def abandon(self) -> None:
+        """Close without finishing (the temp file is deleted by the caller)."""
+        if self.file is not None:
+            self.file.close()
+
+    def _open(self, sample_rate: int) -> None:
+        import soundfile
+
+        self.file = self._checked(lambda: soundfile.SoundFile(
+            self.path, "w", sample_rate, 1, self.subtype, format=self.fmt))
+
+    def _append(self, samples: np.ndarray) -> None:
+        self._checked(lambda: self.file.write(np.clip(np.asarray(samples, np.float32), -1.0, 1.0)))
+        self.written += len(samples)
+
+    def _checked(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except OSError as exc:
+            raise EchoStreamError(f"cannot write {self.shown}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def _speech_file(path: Path, args: argparse.Namespace) -> Iterator[SpeechFile]:
+    """A :class:`SpeechFile` on a temp file beside ``path``, renamed over it only when the whole
+    run succeeded (never partial; an existing file only with ``--force``)."""
+    with atomic_file(path) as tmp:
+        speech = SpeechFile(tmp, *AUDIO_OUT_FORMATS[path.suffix.lower()], args.timeline, path)
+        try:
+            yield speech
+        except BaseException:
+            speech.abandon()
+            raise
+        speech.close()
+        if path.exists() and not args.force:  # appeared while we were translating
+            raise EchoStreamError(f"{path} exists; pass --force to overwrite it")
+
+
 @dataclass
 class TranslationRun:
-    """Every event of one file, with the wall-clock compute time when each one was returned.
+    """Every event of one file, with the wall-clock compute time when each one was returned
+    (speech events as :class:`SpeechNote`: their samples went to ``on_speech``, not into memory).
 
     ``wall_ms[i]``: milliseconds spent inside ``accept_waveform`` + ``decode`` (file reading
     excluded) up to the end of the call that returned ``events[i]`` -- SimulEval's "elapsed" minus
@@ -143,32 +273,25 @@ class TranslationRun:
         ends = self.of_kind("end")
         return ends[-1][0] if ends else None
 
-    def samples(self) -> np.ndarray:
-        """All translated speech [n] float32, chunks joined."""
-        chunks = [e.samples for e, _ in self.of_kind("speech")]
-        return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-
     def speech_segments(self) -> list[tuple[tuple[float, float], float]]:
         """((delay_ms, duration_ms), wall_ms) of every chunk that carries samples."""
-        return [((e.source_ms, e.duration_ms), w) for e, w in self.of_kind("speech") if len(e.samples)]
+        return [((e.source_ms, e.duration_ms), w) for e, w in self.of_kind("speech") if e.num_samples]
 
-    def timeline_samples(self) -> np.ndarray:
-        """Speech on SimulEval's listening timeline: silence wherever output waited for the source."""
-        from echostream.runtime.metrics import speech_intervals
-
-        chunks = [e for e, _ in self.of_kind("speech") if len(e.samples)]
-        if not chunks:
-            return np.zeros(0, np.float32)
-        intervals = speech_intervals([(e.source_ms, e.duration_ms) for e in chunks])
-        origin, pieces, written = intervals[0][0], [], 0
-        for chunk, (start, _) in zip(chunks, intervals):
-            gap = int(round((start - origin) * self.sample_rate / 1000.0)) - written
-            if gap > 0:
-                pieces.append(np.zeros(gap, np.float32))
-                written += gap
-            pieces.append(chunk.samples.astype(np.float32))
-            written += len(chunk.samples)
-        return np.concatenate(pieces)
+    def sentence_reports(self) -> list[dict[str, Any]]:
+        """Per sentence (up to each ``EndOfSentence``): its texts, reason and latency metrics,
+        each sentence an instance of its own (source delays from its start, compute from the end
+        of the previous sentence)."""
+        out, delays, wall, segments, began = [], [], [], [], 0.0
+        for event, w in zip(self.events, self.wall_ms):
+            if event.kind == "translation":
+                delays += [max(event.source_ms, 0.0)] * len(event.token_ids)
+                wall += [w - began] * len(event.token_ids)
+            elif event.kind == "speech" and event.num_samples:
+                segments.append(((event.source_ms, event.duration_ms), w - began))
+            elif event.kind == "end_of_sentence":
+                out.append(_sentence_report(event, delays, wall, segments))
+                delays, wall, segments, began = [], [], [], w
+        return out
 
     def report(self, info, args: argparse.Namespace) -> dict[str, Any]:
         """The JSON document: input, settings, events, texts, metrics, compute."""
@@ -183,6 +306,7 @@ class TranslationRun:
         wall_s = (self.wall_ms[-1] if self.wall_ms else 0.0) / 1000.0
         events = [dict(e.to_json(), wall_ms=round(w, 3)) for e, w in zip(self.events, self.wall_ms)]
         return {
+            "sentences": self.sentence_reports(),
             "input": info.to_dict(),
             "artifacts": None if args.artifacts is None else str(args.artifacts),
             "server": getattr(args, "server", None), "backend": args.backend,
@@ -190,7 +314,7 @@ class TranslationRun:
             "asr_text": end.asr_text if end else "",
             "translation_text": end.translation_text if end else "",
             "speech": {"file": args.out, "sample_rate": self.sample_rate,
-                       "num_samples": int(sum(len(e.samples) for e, _ in self.of_kind("speech"))),
+                       "num_samples": int(sum(e.num_samples for e, _ in self.of_kind("speech"))),
                        "timeline": bool(args.timeline)},
             "metrics": {
                 "source_ms": self.source_ms,
@@ -206,8 +330,23 @@ class TranslationRun:
         }
 
 
+def _sentence_report(end, delays: list[float], wall: list[float],
+                     segments: list) -> dict[str, Any]:
+    """SimulEval's latency within one sentence: delays from its start, its own duration."""
+    from echostream.runtime.metrics import speech_latency, text_latency
+
+    length = max(end.source_ms - end.start_ms, 1e-3)
+    return {"reason": end.reason, "start_ms": end.start_ms, "end_ms": end.source_ms,
+            "asr_text": end.asr_text, "translation_text": end.translation_text,
+            "metrics": {"text": dict(text_latency([d - end.start_ms for d in delays], length, wall),
+                                     unit="token"),
+                        "speech": speech_latency([(d - end.start_ms, dur) for (d, dur), _ in segments],
+                                                 length, [w for _, w in segments])}}
+
+
 def translate_file(translator, info, segment_ms: int,
-                   on_event: Callable[[Any], None] | None = None) -> TranslationRun:
+                   on_event: Callable[[Any], None] | None = None,
+                   on_speech: Callable[[Any], None] | None = None) -> TranslationRun:
     """Feed ``info.path`` block by block (one policy segment each) and collect every event.
 
     Args:
@@ -215,6 +354,8 @@ def translate_file(translator, info, segment_ms: int,
         info: the file's ``AudioInfo`` (already validated).
         segment_ms: block length; one block per policy segment, as SimulEval feeds an agent.
         on_event: called with each event as soon as it is returned.
+        on_speech: called with each ``SpeechChunk`` (samples and all) before the run keeps only
+            its :class:`SpeechNote`.
     """
     from echostream.runtime.audio import iter_audio_blocks
 
@@ -228,10 +369,14 @@ def translate_file(translator, info, segment_ms: int,
         events = call() or []
         spent += time.perf_counter() - start
         for event in events:
-            run.events.append(event)
-            run.wall_ms.append(1000.0 * spent)
             if on_event is not None:
                 on_event(event)
+            if event.kind == "speech":
+                if on_speech is not None:
+                    on_speech(event)
+                event = SpeechNote.of(event)
+            run.events.append(event)
+            run.wall_ms.append(1000.0 * spent)
 
     def feed(block: np.ndarray) -> list:
         stream.accept_waveform(info.sample_rate, block)
@@ -251,11 +396,62 @@ def translate_file(translator, info, segment_ms: int,
 
 
 def _load_translator(args: argparse.Namespace):
+    options = {} if args.threads is None else {"threads": args.threads}
+    rules = endpoint_config(args)
+    try:
+        return _from_artifacts(args, rules, options)
+    except ValueError as exc:
+        if isinstance(exc, EchoStreamError):
+            raise
+        raise EchoStreamError(str(exc)) from None
+
+
+def endpoint_config(args: argparse.Namespace) -> EndpointConfig | None:
+    """The endpoint rules the options of :func:`add_model_options` ask for (None: off)."""
+    endpoint = args.endpoint if args.endpoint is not None else args.fidelity != "exact"
+    if not endpoint and args.endpoint_silence_floor is not None:
+        raise EchoStreamError("--endpoint-silence-floor gates the endpoint rules; it needs "
+                              "endpointing (drop --no-endpoint, or --fidelity exact)")
+    if not endpoint:
+        return None
+    try:
+        return EndpointConfig(*endpoint_thresholds(args), args.carry_encoder,
+                              args.endpoint_silence_floor)
+    except ValueError as exc:
+        raise EchoStreamError(str(exc)) from None
+
+
+def endpoint_thresholds(args: argparse.Namespace) -> tuple[float, float]:
+    """(after_text_ms, no_text_ms) of ``--endpoint-after-text-ms`` / ``--endpoint-no-text-ms``,
+    their defaults where not given (None there: ``--server`` tells given from default)."""
+    defaults = EndpointConfig()
+    after, no_text = args.endpoint_after_text_ms, args.endpoint_no_text_ms
+    return (defaults.after_text_ms if after is None else after,
+            defaults.no_text_ms if no_text is None else no_text)
+
+
+# The model's settings: with --server they are the served repository's (`echostream triton-repo`).
+_SERVED_OPTIONS = (("--backend", "backend", "onnxruntime"), ("--precision", "precision", "fp32"),
+                   ("--fidelity", "fidelity", "incremental"), ("--endpoint/--no-endpoint", "endpoint", None),
+                   ("--endpoint-after-text-ms", "endpoint_after_text_ms", None),
+                   ("--endpoint-no-text-ms", "endpoint_no_text_ms", None),
+                   ("--endpoint-silence-floor", "endpoint_silence_floor", None),
+                   ("--carry-encoder", "carry_encoder", False), ("--verify", "verify", False))
+
+
+def _check_server_options(args: argparse.Namespace) -> None:
+    given = [flag for flag, key, default in _SERVED_OPTIONS if getattr(args, key, default) != default]
+    if given:
+        raise EchoStreamError(f"{', '.join(given)}: with --server the model's settings are the "
+                              "served repository's (set them with `echostream triton-repo`)")
+
+
+def _from_artifacts(args: argparse.Namespace, rules, options: dict):
     from echostream.runtime.translator import Translator
 
-    options = {} if args.threads is None else {"threads": args.threads}
     return Translator.from_artifacts(args.artifacts, backend=args.backend, segment_ms=args.segment_ms,
-                                     precision=args.precision, rehash=args.verify, **options)
+                                     precision=args.precision, rehash=args.verify,
+                                     fidelity=args.fidelity, endpoint=rules, **options)
 
 
 # ---- printing -----------------------------------------------------------------------------------
@@ -271,6 +467,8 @@ def _print_event(event) -> None:
     elif event.kind == "end_of_sentence" and event.capacity:
         print(f"{stamp} {'sentence':<12} ended at the {event.reason.replace('_', ' ')} "
               f"(a longer sentence does not fit the exported windows)", flush=True)
+    elif event.kind == "end_of_sentence" and event.reason == "pause":
+        print(f"{stamp} {'sentence':<12} {event.translation_text}", flush=True)
 
 
 def _print_summary(run: TranslationRun, report: dict[str, Any], args: argparse.Namespace) -> None:
@@ -328,7 +526,3 @@ def _write_atomic(path: Path, force: bool, write: Callable[[str], None]) -> None
         raise EchoStreamError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _write_audio(path: str, samples: np.ndarray, sample_rate: int, fmt: str, subtype: str) -> None:
-    import soundfile
-
-    soundfile.write(path, np.clip(samples, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)

@@ -50,11 +50,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from echostream.contract import (STAGE_NAMES, as_config, encoder_has_valid_input, encoder_hop_frames,
+from echostream.contract import (EXACT_STAGE_NAMES, STAGE_NAMES, as_config,
+                                 conformer_block_chunks, encoder_has_valid_input, encoder_hop_frames,
                                  encoder_kind, encoder_step_frames, encoder_window_frames,
                                  encoder_window_lead, sentence_source_frames,
                                  sentence_target_tokens)
@@ -62,12 +63,14 @@ from echostream.errors import ArtifactError, EchoStreamError
 from echostream.runtime.ctc import text_ctc, unit_ctc
 from echostream.runtime.events import (AsrText, EndOfSentence, EndOfStream, Event, SpeechChunk,
                                        TranslationText)
+from echostream.runtime.endpoint import EndpointConfig, blank_where, decide, silent_rows
+from echostream.runtime.exact import AgentBook, CallOutcome, agent_call, torch_call
 from echostream.runtime.features import FeatureStream
 from echostream.runtime.policy import (CtcCounts, MTState, PolicyConfig, PolicyOutcome,
                                        PolicyState, policy_step)
 from echostream.runtime.scheduler import Program, StageCall, run_programs
 from echostream.runtime.stage import Stage
-from echostream.runtime.stream import Sentence, Stream
+from echostream.runtime.stream import Sentence, Stream, Transcript
 from echostream.runtime.synthesis import SynthesisState, SynthesisWindows, flush, push
 from echostream.runtime.vocab import Vocabulary
 
@@ -132,11 +135,21 @@ class Translator:
     def __init__(self, stages: Mapping[str, Stage], config: Mapping[str, Any],
                  src_vocab: Vocabulary, tgt_vocab: Vocabulary,
                  cmvn_mean: np.ndarray | None = None, cmvn_std: np.ndarray | None = None,
-                 segment_ms: int = 320, policy: PolicyConfig | None = None):
-        missing = [s for s in STAGE_NAMES if s not in stages]
+                 segment_ms: int = 320, policy: PolicyConfig | None = None,
+                 fidelity: str = "incremental", exact_agent: Callable[[], Any] | None = None,
+                 endpoint: EndpointConfig | None = None):
+        if fidelity not in FIDELITIES:
+            raise ValueError(f"fidelity expected one of {list(FIDELITIES)}, got {fidelity!r}")
+        needed = required_stages(fidelity, exact_agent is not None)
+        missing = [s for s in needed if s not in stages]
         if missing:
-            raise ArtifactError(f"the translator needs every stage {list(STAGE_NAMES)}; "
-                                f"missing {missing}")
+            raise ArtifactError(f"the {fidelity} translator needs the stages {list(needed)}; "
+                                f"missing {missing}" + (
+                                    " (export with --sentence-graphs for --fidelity exact)"
+                                    if "unit_sentence" in missing else ""))
+        self.fidelity = fidelity
+        self.exact_agent = exact_agent  # fidelity "exact" on the PyTorch reference agent
+        self.endpoint = endpoint
         self.stages = dict(stages)
         self.config = dict(config)  # the manifest's form (JSON types)
         self.cfg = as_config(self.config)  # the typed form everything here reads
@@ -155,6 +168,9 @@ class Translator:
         self.synthesis = SynthesisWindows.from_config(self.config)
         self.eos, self.pad = self.cfg.mt.eos, self.cfg.mt.pad
         self.unit_offset = self.cfg.unit.unit_offset
+        if fidelity == "exact":
+            check_exact(self.cfg, segment_ms)
+        check_endpoint(endpoint, fidelity, self.cfg)
         if self.steps_per_segment * self.segment_length > self.source_capacity:
             raise SegmentSizeError(
                 f"segment_ms={segment_ms} holds {self.steps_per_segment * self.segment_length} "
@@ -168,7 +184,9 @@ class Translator:
     @classmethod
     def from_artifacts(cls, path: str | Path, backend: str = "onnxruntime", segment_ms: int = 320,
                        precision: str = "fp32", policy: PolicyConfig | None = None,
-                       rehash: bool = False, **backend_opts: Any) -> "Translator":
+                       rehash: bool = False, fidelity: str = "incremental",
+                       endpoint: EndpointConfig | None = None,
+                       **backend_opts: Any) -> "Translator":
         """Load an exported artifacts folder on ``backend`` ("onnxruntime", "tensorrt", "torch").
 
         ``rehash`` re-reads every file's sha256 (see ``load_artifacts``); ``backend_opts`` go to
@@ -178,18 +196,39 @@ class Translator:
 
         artifacts = load_artifacts(path, precision, rehash=rehash)
         steps_per_segment(artifacts.config, segment_ms)  # refuse before loading any graph
-        return cls.from_loaded(artifacts, backend, segment_ms, policy, **backend_opts)
+        check_endpoint(endpoint, fidelity, as_config(artifacts.config))  # before loading graphs
+        return cls.from_loaded(artifacts, backend, segment_ms, policy, fidelity, endpoint,
+                               **backend_opts)
 
     @classmethod
     def from_loaded(cls, artifacts: Any, backend: str = "onnxruntime", segment_ms: int = 320,
-                    policy: PolicyConfig | None = None, **backend_opts: Any) -> "Translator":
-        """A translator over already loaded (verified) ``Artifacts`` on ``backend``."""
-        from echostream.runtime.backends import load_stages
+                    policy: PolicyConfig | None = None, fidelity: str = "incremental",
+                    endpoint: EndpointConfig | None = None,
+                    **backend_opts: Any) -> "Translator":
+        """A translator over already loaded (verified) ``Artifacts`` on ``backend``.
 
-        stages = load_stages(artifacts, backend, STAGE_NAMES, **backend_opts)
+        ``fidelity="exact"`` on the ``torch`` backend runs StreamSpeech's agent as the PyTorch
+        reference computes it; on the other backends the agent on the stage graphs (which needs
+        the artifacts' sentence graphs)."""
+        from echostream.runtime.backends import backend_module, load_stages
+
+        if fidelity == "exact":
+            check_exact(as_config(artifacts.config), segment_ms)
+        agent = None
+        if fidelity == "exact" and backend == "torch":
+            agent = backend_module("torch").exact_agent_factory(
+                artifacts, dataclasses.replace(policy or PolicyConfig(), segment_ms=segment_ms),
+                _vocabulary(artifacts, "tgt").is_word_start)
+        needed = required_stages(fidelity, agent is not None)
+        absent = [s for s in needed if s not in artifacts.stages]
+        if absent:
+            raise ArtifactError(f"{artifacts.root}: --fidelity {fidelity} needs the stage graphs "
+                                f"{absent}, which these artifacts lack; re-export with "
+                                "--sentence-graphs")
+        stages = load_stages(artifacts, backend, needed, **backend_opts)
         return cls(stages, artifacts.config, _vocabulary(artifacts, "src"),
                    _vocabulary(artifacts, "tgt"), artifacts.cmvn_mean, artifacts.cmvn_std,
-                   segment_ms, policy)
+                   segment_ms, policy, fidelity, agent, endpoint)
 
     # ---- streams ---------------------------------------------------------------------------------
 
@@ -203,7 +242,7 @@ class Translator:
             stream.clock.reset()
             stream.features, stream.resampler, stream.input_done = self._features(), None, False
             stream.finished = False
-            stream.sentences = []
+            stream.transcript = Transcript()
             stream.sentence = self._sentence(0)
         else:
             stream.sentence = self._sentence(stream.next_segment_frame)
@@ -214,9 +253,13 @@ class Translator:
     def _sentence(self, frame_base: int) -> Sentence:
         states = {name: self.stages[name].initial_state(1) for name in SENTENCE_STAGES}
         mt = MTState(self.stages["mt_decoder"].initial_state(1))
-        return Sentence(frame_base, states, text_ctc(self.cfg), text_ctc(self.cfg),
-                        unit_ctc(self.cfg), PolicyState(mt, capacity=self.target_capacity),
-                        SynthesisState())
+        sentence = Sentence(frame_base, states, text_ctc(self.cfg), text_ctc(self.cfg),
+                            unit_ctc(self.cfg), PolicyState(mt, capacity=self.target_capacity),
+                            SynthesisState())
+        if self.fidelity == "exact":
+            sentence.exact = AgentBook()
+            sentence.agent = self.exact_agent() if self.exact_agent is not None else None
+        return sentence
 
     def _check_owner(self, stream: Stream) -> None:
         if stream.translator is not self:
@@ -252,6 +295,9 @@ class Translator:
 
     def _program(self, stream: Stream, events: list[Event]) -> Program:
         """Everything the stream's audio allows now; events are appended to ``events``."""
+        if self.fidelity == "exact":
+            yield from self._exact_program(stream, events)
+            return
         while not stream.finished and self._segment_ready(stream):
             s = stream.sentence
             if self._source_full(s, self.steps_per_segment):
@@ -261,8 +307,140 @@ class Translator:
             if stream.sentence.policy.full:
                 events += yield from self._end_sentence(stream, "target_capacity",
                                                         self._processed_ms(stream.sentence))
+            elif self.endpoint is not None:
+                events += yield from self._endpoint(stream)
         if stream.input_done and not stream.finished:
             events += yield from self._final_step(stream)
+
+    # ---- the exact fidelity mode (runtime/exact.py) -----------------------------------------
+
+    def _exact_program(self, stream: Stream, events: list[Event]) -> Program:
+        """StreamSpeech's agent: one call per segment of audio on every sample so far."""
+        seg = self.segment_ms * self.cfg.features.sample_rate // 1000
+        while not stream.finished:
+            boundary = (stream.calls + 1) * seg
+            received = stream.features.num_samples
+            if received > boundary:
+                samples, finished = boundary, False
+            elif stream.input_done:
+                samples, finished = received, True
+            else:
+                return
+            stream.calls += 1
+            end = fbank_frames(samples, self.cfg.features)
+            source_ms = 1000.0 * samples / self.cfg.features.sample_rate
+            cap = self._exact_capacity_end(stream.sentence)
+            if end > cap:  # the call would not fit the sentence: end it at its last whole chunk
+                events += yield from self._exact_call(stream, cap, True, source_ms)
+                events += self._exact_end(stream, "source_capacity", source_ms, next_frame=cap)
+            events += yield from self._exact_call(stream, end, finished, source_ms)
+            if finished:
+                events += self._exact_end(stream, "end_of_input", source_ms)
+                events.append(self._end_of_stream(stream, source_ms))
+                stream.finished = True
+            elif len(stream.sentence.exact.reported_translation) >= self.target_capacity:
+                events += yield from self._exact_call(stream, end, True, source_ms)
+                events += self._exact_end(stream, "target_capacity", source_ms, next_frame=end)
+
+    def _exact_capacity_end(self, s: Sentence) -> int:
+        """The fbank frame where the sentence's source capacity (whole encoder steps) ends."""
+        steps = self.source_capacity // self.segment_length
+        return s.frame_base + steps * self.hop + (self.window - self.hop - self.lead)
+
+    def _exact_call(self, stream: Stream, end: int, finished: bool, source_ms: float) -> Program:
+        s = stream.sentence
+        if s.agent is not None:  # the PyTorch reference agent computes the call itself
+            frames = stream.features.frames(s.frame_base, max(end, s.frame_base))
+            outcome = torch_call(s.agent, frames, finished)
+        else:
+            outcome = yield from agent_call(self, stream, end, finished)
+        return self._exact_events(stream, outcome, source_ms)
+
+    def _exact_events(self, stream: Stream, outcome: CallOutcome, source_ms: float) -> list[Event]:
+        """Events for what the call changed: ASR and translation hypotheses (with what they take
+        back), and speech for the newly voiced units."""
+        s, book = stream.sentence, stream.sentence.exact
+        events: list[Event] = []
+        for kind, vocab, reported, now in (
+                (AsrText, self.src_vocab, book.reported_asr, outcome.asr_tokens),
+                (TranslationText, self.tgt_vocab, book.reported_translation, outcome.translation)):
+            keep = common_prefix(reported, now)
+            if keep == len(reported) == len(now):
+                continue
+            text = incremental_text(vocab, now[:keep], now[keep:])
+            events.append(kind(text, tuple(now[keep:]), source_ms, stream.clock.total_ms,
+                               replaces=len(reported) - keep))
+            reported[:] = now
+        if outcome.new_units:
+            s.num_samples += outcome.samples.size
+            events.append(SpeechChunk(outcome.samples, self.synthesis.sample_rate, source_ms,
+                                      tuple(outcome.new_units), stream.clock.total_ms))
+        return events
+
+    def _exact_end(self, stream: Stream, reason: str, source_ms: float,
+                   next_frame: int | None = None) -> list[Event]:
+        s, book = stream.sentence, stream.sentence.exact
+        tgt = book.reported_translation
+        end = EndOfSentence(reason, source_ms, stream.clock.total_ms,
+                            s.frame_base * float(self.cfg.features.frame_shift_ms),
+                            self.src_vocab.decode(book.reported_asr), self.tgt_vocab.decode(tgt),
+                            tuple(tgt), s.num_samples)
+        stream.transcript.add(end)
+        if next_frame is not None:
+            # the next sentence starts where this one's last whole chunk ended
+            steps = max(0, (next_frame - s.frame_base - (self.window - self.hop - self.lead))
+                        // self.hop)
+            stream.sentence = self._sentence(s.frame_base + steps * self.hop)
+        return [end]
+
+    def commit_encoder(self, stream: Stream, end: int, finished: bool) -> Program:
+        """Encode every chunk complete before fbank frame ``end`` into the sentence's kept states
+        (at the end of the input also the Emformer's zero-padded tail)."""
+        s = stream.sentence
+        while self.window_start(s, s.encoder_steps) + self.window <= end \
+                and not self._source_full(s, 1):
+            yield from self._encoder_step(stream, self.segment_length, end)
+        if finished and not self.valid_input:  # the Emformer's tail, as the incremental mode
+            valid = max(0, encoder_frames(end - s.frame_base) - self.right_context)
+            while s.encoder_steps * self.segment_length < valid and not self._source_full(s, 1):
+                done = s.encoder_steps * self.segment_length
+                yield from self._encoder_step(stream, min(self.segment_length, valid - done), end)
+
+    def partial_rows(self, s: Sentence, end: int) -> int:
+        """Encoder frames of the chunk in progress at fbank frame ``end`` (chunk Conformer; the
+        Emformer has no partial segment: 0)."""
+        if not self.valid_input:
+            return 0
+        return max(0, encoder_frames(end - s.frame_base) - s.encoder_steps * self.segment_length)
+
+    def _end_of_stream(self, stream: Stream, source_ms: float) -> EndOfStream:
+        said = stream.transcript
+        return EndOfStream(source_ms, stream.clock.total_ms, " ".join(said.asr_texts),
+                           " ".join(said.translation_texts), tuple(said.translation_ids),
+                           said.num_samples)
+
+    # ---- capacity ----------------------------------------------------------------------------
+
+    def _endpoint(self, stream: Stream) -> Program:
+        """The endpoint rules after a segment (``runtime/endpoint.py``)."""
+        s = stream.sentence
+        rule = decide(s.asr_ctc.trailing_blank * ENCODER_FRAME_MS, s.asr_ctc.count > 0,
+                      self.endpoint)
+        if rule == "pause":
+            return (yield from self._end_sentence(stream, "pause", self._processed_ms(s)))
+        if rule == "silence" and not s.policy.committed:
+            stream.sentence = self._next_sentence(stream)  # nothing was said: no event
+        return []
+
+    def _next_sentence(self, stream: Stream) -> Sentence:
+        """A fresh sentence at the next unprocessed segment; with ``carry_encoder`` the encoder
+        state goes on (and the frames before the sentence stay real to it)."""
+        old = stream.sentence
+        new = self._sentence(stream.next_segment_frame)
+        if self.endpoint is not None and self.endpoint.carry_encoder:
+            new.states["encoder"] = old.states["encoder"]
+            new.encoder_origin = old.frame_base if old.encoder_origin is None else old.encoder_origin
+        return new
 
     def _source_full(self, s: Sentence, steps: int) -> bool:
         """``steps`` more encoder steps would overflow the sentence's source capacity."""
@@ -273,13 +451,13 @@ class Translator:
 
     def _segment_end(self, s: Sentence) -> int:
         """Absolute fbank frame count the next segment's encoder windows read up to."""
-        return self._window_start(s, s.encoder_steps + self.steps_per_segment - 1) + self.window
+        return self.window_start(s, s.encoder_steps + self.steps_per_segment - 1) + self.window
 
     def _processed_ms(self, s: Sentence) -> float:
         """Source time of the last processed segment's windows."""
-        return self._frames_ms(self._window_start(s, s.encoder_steps - 1) + self.window)
+        return self._frames_ms(self.window_start(s, s.encoder_steps - 1) + self.window)
 
-    def _window_start(self, s: Sentence, step: int) -> int:
+    def window_start(self, s: Sentence, step: int) -> int:
         """Absolute fbank frame where encoder step ``step``'s window starts (``lead`` frames before
         its segment: 3 for the Emformer, 2 for the chunk Conformer; frames before the sentence are
         read as zeros)."""
@@ -325,12 +503,7 @@ class Translator:
                 break
         events += yield from self._end_sentence(stream, "end_of_input", source_ms)
         stream.finished = True
-        sentences = stream.sentences
-        ids = tuple(t for e in sentences for t in e.translation_ids)
-        events.append(EndOfStream(
-            source_ms, stream.clock.total_ms, _join(e.asr_text for e in sentences),
-            _join(e.translation_text for e in sentences), ids,
-            sum(e.num_samples for e in sentences)))
+        events.append(self._end_of_stream(stream, source_ms))
         return events
 
     def _end_sentence(self, stream: Stream, reason: str, source_ms: float) -> Program:
@@ -347,46 +520,61 @@ class Translator:
         end = EndOfSentence(reason, source_ms, stream.clock.total_ms, start_ms,
                             self.src_vocab.decode(s.asr_ctc.tokens), self.tgt_vocab.decode(tgt),
                             tuple(tgt), s.num_samples)
-        stream.sentences.append(end)
+        stream.transcript.add(end)
         if reason != "end_of_input":
-            stream.sentence = self._sentence(stream.next_segment_frame)
+            stream.sentence = self._next_sentence(stream)
         return events + [end]
 
-    def _encoder_step(self, stream: Stream, valid: int) -> Program:
+    def _encoder_step(self, stream: Stream, valid: int, end: int | None = None) -> Program:
         """One encoder step + ``st_ctc`` + ``mt_source``; the CTC collapses see only the ``valid``
-        frames (fewer than S only in the zero-padded tail)."""
+        frames (fewer than S only in the zero-padded tail); fbank frames from ``end`` on are read
+        as zeros (the exact mode's calls see only the audio of their call)."""
         s = stream.sentence
-        start = self._window_start(s, s.encoder_steps)
-        out, s.states["encoder"] = yield StageCall("encoder", self._encoder_inputs(stream, start),
+        start = self.window_start(s, s.encoder_steps)
+        out, s.states["encoder"] = yield StageCall("encoder",
+                                                   self.encoder_inputs(stream, start, end),
                                                    s.states["encoder"])
         y = out["y"]
         st, s.states["st_ctc"] = yield StageCall("st_ctc", {"x": y}, s.states["st_ctc"])
         _, s.states["mt_source"] = yield StageCall("mt_source", {"x": y}, s.states["mt_source"])
-        s.asr_ctc.accept(out["asr_log_probs"][0, :valid])
+        s.asr_ctc.accept(self._gated(out["asr_log_probs"][0, :valid], stream.window))
         s.st_ctc.accept(st["y"][0, :valid])
         s.encoder_steps += 1
         # The next window starts one hop later: older frames are never read again.
         stream.features.discard_before(min(start + self.hop, stream.features.num_frames))
 
-    def _encoder_inputs(self, stream: Stream, start: int) -> dict[str, np.ndarray]:
+    def _gated(self, asr_log_probs: np.ndarray, window: np.ndarray) -> np.ndarray:
+        """The ASR log-probs ``[valid, V]`` through the endpoint's energy gate (if any)."""
+        floor = None if self.endpoint is None else self.endpoint.silence_floor
+        if floor is None or not len(asr_log_probs):
+            return asr_log_probs
+        silent = silent_rows(window[0], self.lead, len(asr_log_probs), self.hop // self.segment_length,
+                             floor, self.cmvn_mean, self.cmvn_std)
+        return blank_where(asr_log_probs, silent, self.cfg.ctc.blank)
+
+    def encoder_inputs(self, stream: Stream, start: int,
+                       end: int | None = None) -> dict[str, np.ndarray]:
         """The window at ``start``, and for the chunk Conformer the chunk's real fbank frames
-        (``4C``; fewer only in the last chunk at end of input, which the graph then computes as the
-        full pass over the shorter sentence does)."""
-        inputs = {"x": self._window_frames(stream, start, stream.sentence.frame_base)}
+        (``4C``; fewer only in the last chunk at end of input, or in the exact mode's partial
+        chunk, which the graph then computes as the full pass over the shorter sentence does)."""
+        end = stream.features.num_frames if end is None else end
+        s = stream.sentence
+        first = s.frame_base if s.encoder_origin is None else s.encoder_origin
+        inputs = {"x": self._window_frames(stream, start, first, end)}
         if self.valid_input:
-            real = stream.features.num_frames - (start + self.lead)
+            real = end - (start + self.lead)
             inputs["valid_frames"] = np.array([min(max(real, 1), self.hop)], np.int32)
         return inputs
 
-    def _window_frames(self, stream: Stream, start: int, first: int) -> np.ndarray:
-        """``[1, 4(S+R)+3, 80]`` float32 fbank frames ``[start, start + window)``; frames before
-        ``first`` (the sentence start) or past the end are zeros. The stream's window buffer is
+    def _window_frames(self, stream: Stream, start: int, first: int, end: int) -> np.ndarray:
+        """``[1, window, 80]`` float32 fbank frames ``[start, start + window)``; frames before
+        ``first`` (the sentence start) or from ``end`` on are zeros. The stream's window buffer is
         reused: a stage never keeps its inputs past the call."""
         features = stream.features
         if stream.window is None:
             stream.window = np.zeros((1, self.window, features.num_mel_bins), dtype=np.float32)
         x = stream.window
-        lo, hi = max(start, first) - start, min(start + self.window, features.num_frames) - start
+        lo, hi = max(start, first) - start, min(start + self.window, end) - start
         x[0, :max(lo, 0)] = 0.0
         if hi > lo:
             x[0, lo:hi] = features.frames(start + lo, start + hi)
@@ -439,8 +627,52 @@ class Translator:
         return units
 
 
-def _join(texts: Iterable[str]) -> str:
-    return " ".join(t for t in texts if t)
+FIDELITIES = ("incremental", "exact")
+
+
+def required_stages(fidelity: str, reference_agent: bool = False) -> tuple[str, ...]:
+    """The stage graphs a translator of ``fidelity`` runs (the PyTorch reference agent of the
+    exact mode computes everything itself but keeps the incremental stages for the clock)."""
+    if fidelity == "exact" and not reference_agent:
+        return STAGE_NAMES + EXACT_STAGE_NAMES
+    return STAGE_NAMES
+
+
+def check_endpoint(endpoint: EndpointConfig | None, fidelity: str, cfg) -> None:
+    """Refuse endpoint settings the mode or the encoder cannot honour (one line)."""
+    if endpoint is None:
+        return
+    if fidelity == "exact":
+        raise ValueError("endpointing is off in the exact fidelity mode (StreamSpeech's agent "
+                         "translates one utterance); pass no endpoint with --fidelity exact")
+    if endpoint.carry_encoder and cfg.encoder.kind != "emformer":
+        raise ValueError("carry_encoder needs the Emformer: the chunk Conformer's cache is the "
+                         "sentence itself")
+
+
+def check_exact(cfg, segment_ms: int) -> None:
+    """Refuse what the exact mode cannot reproduce (one line naming what is allowed)."""
+    if cfg.encoder.kind == "conformer" and conformer_block_chunks(cfg.encoder.chunk_size) > 1:
+        raise SegmentSizeError(
+            f"--fidelity exact cannot serve segment_ms={segment_ms}: its conv chunk does not "
+            f"divide the attention chunk {cfg.encoder.chunk_size}, so StreamSpeech revises a chunk "
+            "one call later; export a chunk of 8 or 16 frames (320 or 640 ms) for the exact mode")
+
+
+def fbank_frames(samples: int, features) -> int:
+    """Fbank frames (snip_edges) of ``samples`` samples: whole windows only."""
+    window = int(features.sample_rate * features.frame_length_ms / 1000)
+    shift = int(features.sample_rate * features.frame_shift_ms / 1000)
+    return 0 if samples < window else (samples - window) // shift + 1
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _vocabulary(artifacts: Any, which: str) -> Vocabulary:

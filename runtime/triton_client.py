@@ -273,7 +273,7 @@ class RemoteStream:
 
 
 def translate_remote(client: TritonTranslator, info, segment_ms: int, realtime: bool = False,
-                     on_event=None):
+                     on_event=None, on_speech=None):
     """Stream ``info.path`` to the server as one sequence, in blocks of ``segment_ms``; returns the
     same ``TranslationRun`` as the in-process ``translate_file``.
 
@@ -281,11 +281,13 @@ def translate_remote(client: TritonTranslator, info, segment_ms: int, realtime: 
     round trips, as in-process it is the time spent decoding); with ``realtime`` a block is sent
     when its audio would have been complete on a live microphone and answers are taken as they
     come (``wall_ms``: how far an event arrived behind its ``source_ms`` on that clock).
+    ``on_event`` / ``on_speech`` as in ``translate_file`` (the run keeps a ``SpeechNote`` of each
+    speech chunk, its samples go to ``on_speech``).
     """
     import time
 
     from echostream.runtime.audio import iter_audio_blocks
-    from echostream.runtime.translate_cli import TranslationRun
+    from echostream.runtime.translate_cli import SpeechNote, TranslationRun
 
     run = TranslationRun()
     stream = client.create_stream()
@@ -294,10 +296,15 @@ def translate_remote(client: TritonTranslator, info, segment_ms: int, realtime: 
 
     def record(events: list[Event], wall_ms) -> None:
         for event in events:
-            run.events.append(event)
-            run.wall_ms.append(wall_ms(event))
+            wall = wall_ms(event)
             if on_event is not None:
                 on_event(event)
+            if event.kind == "speech":
+                if on_speech is not None:
+                    on_speech(event)
+                event = SpeechNote.of(event)
+            run.events.append(event)
+            run.wall_ms.append(wall)
 
     def arrived(event: Event) -> float:
         return max(0.0, 1000.0 * (time.perf_counter() - start) - event.source_ms)

@@ -256,7 +256,16 @@ def load_translator(params: dict[str, str], model_dir: Path, version: str,
         options["device"] = device_id
     return Translator.from_artifacts(root, backend=backend, segment_ms=int(params["segment_ms"]),
                                      precision=params.get("precision", "fp32"), rehash=True,
-                                     **options)
+                                     fidelity=params.get("fidelity", "incremental"),
+                                     endpoint=endpoint_rules(params), **options)
+
+
+def endpoint_rules(params: dict[str, str]):
+    """The repository's endpoint rules (``triton-repo`` writes them as JSON, or ``off``)."""
+    from echostream.runtime.endpoint import EndpointConfig
+
+    text = params.get("endpoint", "off")
+    return None if text == "off" else EndpointConfig(**json.loads(text))
 
 
 def instance_count(model_config: dict[str, Any]) -> int:

@@ -75,7 +75,8 @@ def decode_events(payload: bytes, speech: np.ndarray) -> list[Event]:
         kind = d.get("type")
         if kind in ("asr", "translation"):
             cls = AsrText if kind == "asr" else TranslationText
-            events.append(cls(d["text"], tuple(d["token_ids"]), d["source_ms"], d["compute_ms"]))
+            events.append(cls(d["text"], tuple(d["token_ids"]), d["source_ms"], d["compute_ms"],
+                              int(d.get("replaces", 0))))
         elif kind == "speech":
             n = int(d["num_samples"])
             if used + n > speech.size:

@@ -219,12 +219,15 @@ class TransformerMTDecoder(nn.Module):
         newest = torch.tensor([j == F - 1 for j in range(F)], device=source_frames.device)
         return (right_aligned_valid(source_frames, F) | newest).unsqueeze(1)
 
-    def step(self, tokens: Tensor, context: dict[str, Tensor], state: dict[str, Tensor]
-             ) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
+    def step(self, tokens: Tensor, context: dict[str, Tensor], state: dict[str, Tensor],
+             is_pad: Tensor | None = None) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
         """Stage ``mt_decoder``: one token per stream.
 
         Args:
             tokens: ``[B]`` int32, the previous token (``</s>`` first).
+            is_pad: ``[B]`` int32, 1 where this position is padding (fairseq: a pad is a key no row
+                attends, its own row included; StreamSpeech's agent ends its whole-word final MT
+                input with one); None = 0.
             context: ``mt_source``'s state (``cross_keys``, ``cross_values``, ``source_frames``);
                 decode a stream only once it has ``source_frames >= 1``.
             state: ``self_keys``/``self_values`` ``[B, layers, C, D]`` (``C = max_target_tokens``),
@@ -239,6 +242,11 @@ class TransformerMTDecoder(nn.Module):
         count = state["target_positions"]
         x = self._embed(tokens.unsqueeze(1), count.unsqueeze(1))  # [B, 1, D]
         self_allowed = window_allowed(count, self.max_target_tokens, 1)  # [B, 1, C+1]
+        if is_pad is not None:  # the newest key is the position itself
+            check_input("mt_decoder", "is_pad", is_pad, (B,), torch.int32)
+            # A pad still sees itself when nothing else is there (no row is ever fully masked).
+            own = ((is_pad == 0) | (count == 0)).view(B, 1, 1)
+            self_allowed = torch.cat([self_allowed[..., :-1], self_allowed[..., -1:] & own], -1)
         cross_allowed = self._cross_allowed(context["source_frames"])  # [B, 1, F]
         next_keys, next_values = [], []
         for i, layer in enumerate(self.layers):

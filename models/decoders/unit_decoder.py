@@ -70,7 +70,7 @@ def block_window_allowed(length: int, block: int, blocks: int, device=None) -> T
     Returns:
         ``[L, L]`` bool.
     """
-    idx = torch.arange(length, device=device)
+    idx = constant_index(length, device)
     causal = idx.unsqueeze(0) <= idx.unsqueeze(1)
     lag = (idx // block).unsqueeze(1) - (idx // block).unsqueeze(0)
     return causal & (lag <= blocks)
