@@ -423,6 +423,54 @@ def test_two_replicas_sequences_routed_by_id(server, repo, triton_setup, local):
         other.stop()
 
 
+def test_the_repository_carries_the_sentence_options_to_the_server(tiny_artifacts_dir, tmp_path,
+                                                                   triton_setup, server, capsys):
+    from echostream.runtime.endpoint import EndpointConfig
+    from echostream.runtime.translator import Translator
+    from echostream.runtime.triton_client import TritonTranslator
+
+    out = tmp_path / "gated"
+    assert cli_main(["triton-repo", str(tiny_artifacts_dir), "--out", str(out), "--reference",
+                     "--threads", "1", "--endpoint-after-text-ms", "800", "--endpoint-no-text-ms",
+                     "2000", "--endpoint-silence-floor", "-15"]) == 0, capsys.readouterr().err
+    config = (out / "echostream" / "config.pbtxt").read_text()
+    assert '\\"silence_floor\\": -15.0' in config and 'key: "fidelity"' in config
+    rules = EndpointConfig(800, 2000, silence_floor=-15.0)
+    gated = Translator.from_artifacts(tiny_artifacts_dir, threads=1, endpoint=rules)
+    audio = np.concatenate([_speech_like(1.6, 1), np.zeros(2 * RATE, np.float32), _speech_like(1.6, 2)])
+    want = _in_process(gated, audio)
+    assert [e.reason for e in want if e.kind == "end_of_sentence"] == ["pause", "end_of_input"]
+    srv = _server(out, triton_setup)
+    try:
+        _assert_same_events(_remote(TritonTranslator(srv.grpc_url, timeout_s=60), audio), want)
+    finally:
+        srv.stop()
+    # The default repository has translate's default rules: no gate, so no pause on these weights.
+    default = _remote(TritonTranslator(server.grpc_url, timeout_s=60), audio)
+    assert [e.reason for e in default if e.kind == "end_of_sentence"] == ["end_of_input"]
+    # A repository refuses what the model could not honour, in one line, before writing.
+    assert cli_main(["triton-repo", str(tiny_artifacts_dir), "--out", str(tmp_path / "x"),
+                     "--no-endpoint", "--endpoint-silence-floor", "-15"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--endpoint-silence-floor gates the endpoint rules" in err[0], err
+    assert not (tmp_path / "x").exists()
+
+
+def test_translate_with_server_refuses_the_models_options(server, tmp_path, capsys):
+    wav = tmp_path / "in.wav"
+    soundfile.write(str(wav), _speech_like(0.5, 1), RATE)
+    for argv, flag in ((["--fidelity", "exact"], "--fidelity"), (["--no-endpoint"], "--endpoint"),
+                       (["--endpoint-after-text-ms", "500"], "--endpoint-after-text-ms"),
+                       (["--backend", "torch"], "--backend")):
+        assert cli_main(["translate", str(wav), "--server", server.grpc_url, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"echostream translate: error: {flag}"), err
+        assert "the served repository's (set them with `echostream triton-repo`)" in err[0]
+    assert cli_main(["translate", str(wav), "--realtime", "--artifacts", "x"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "echostream translate: error: --realtime applies to --server only"
+
+
 # ---- failures ----------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ python3 -m pip install -q --no-deps torchaudio==2.11.0 || echo "setup: torchaudi
 # tritonclient protobuf<7 / ml-dtypes<=0.5.4, which would downgrade this shared environment (torch,
 # onnx); the client runs on the newer ones (pytriton's Python package itself is never imported).
 python3 -m pip install -q --no-deps nvidia-pytriton==0.7.0 tritonclient==2.73.0
-python3 -m pip install -q "grpcio>=1.64" "python-rapidjson>=0.9.1"
+python3 -m pip install -q "grpcio>=1.81.1" "python-rapidjson>=0.9.1" "urllib3>=2.0.7" "packaging>=14.1" ml-dtypes
 # The Python-backend stub is built against NumPy 1.x: the model runs in a numpy<2 environment layered
 # over this one (~/.cache/echostream/triton-model-env/...; see runtime/triton_server.py).
 python3 -m echostream.cli serve --setup-model-env
