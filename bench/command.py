@@ -23,7 +23,7 @@ Parts (all on by default; ``--skip`` leaves some out):
    per-chunk latency (``bench/triton.py``); skipped with a note when Triton cannot run here.
 
 Writes ``bench.json`` (every number, min/median/max), ``bench.md`` (tables + targets) and
-``bench.png`` (plots) to ``--out`` (default ``bench/out``). ``--quick`` is a smoke test on the
+``bench.png`` (plots; ``triton.png`` too when the triton part ran) to ``--out`` (default ``bench/out``). ``--quick`` is a smoke test on the
 ``tiny`` preset that runs in seconds once its artifacts exist. Timings are reported, never asserted.
 
     echostream bench --artifacts /tmp/engines/echostream            # full run, echostream preset
@@ -90,6 +90,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segment-ms", type=int, default=320, help="policy segment (default 320)")
     parser.add_argument("--baseline-budget-s", type=float, default=None,
                         help="seconds the StreamSpeech baseline curve may take (default 240; 10 quick)")
+    parser.add_argument("--triton-streams", nargs="+", type=int, default=None, metavar="N",
+                        help="concurrent streams of the triton part (default 1 2 4 8 16; quick: 1 2 8)")
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], metavar="PART",
                         help=f"parts to leave out: {', '.join(PARTS)}")
     parser.add_argument("--render", type=Path, metavar="BENCH.json",
@@ -147,7 +149,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "windows": lambda: _windows_part(artifacts_dir, settings, log),
         "streams": lambda: _streams_part(artifacts_dir, settings, bench, out, args.quick, log),
         "algorithms": lambda: _algorithms_part(settings, out, args.audio, args.quick, log),
-        "triton": lambda: _triton_part(artifacts_dir, settings, out, args.quick, log),
+        "triton": lambda: _triton_part(artifacts_dir, settings, out, args.quick, log,
+                                      args.triton_streams),
     }
     keys = {"position": "cost_vs_position"}
     for part in PARTS:
@@ -165,6 +168,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
     (out / "bench.md").write_text(render_markdown(bench))
     render_plot(bench, out / "bench.png")
+    _triton_plot(bench, out)
     return bench
 
 
@@ -185,6 +189,7 @@ def render_saved(path: Path, out: Path) -> dict[str, Any]:
         (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
     (out / "bench.md").write_text(render_markdown(bench))
     render_plot(bench, out / "bench.png")
+    _triton_plot(bench, out)
     return bench
 
 
@@ -493,7 +498,7 @@ def _streams_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any]
 
 
 def _triton_part(artifacts_dir: Path, settings: Settings, out: Path, quick: bool,
-                 log) -> dict[str, Any]:
+                 log, counts: list[int] | None = None) -> dict[str, Any]:
     from echostream.bench.streams import speech_pool
     from echostream.bench.triton import available, triton_streams
 
@@ -502,7 +507,9 @@ def _triton_part(artifacts_dir: Path, settings: Settings, out: Path, quick: bool
         log(f"triton: skipped: {why}")
         return {"available": False, "note": why}
     pool = speech_pool(out / "speakers", 4 if quick else 8, quick)
-    counts = QUICK_STREAM_COUNTS if quick else FULL_TRITON_COUNTS
+    counts = counts or (QUICK_STREAM_COUNTS if quick else FULL_TRITON_COUNTS)
+    if min(counts) < 1:
+        raise EchoStreamError(f"--triton-streams expected counts >= 1, got {counts}")
     return triton_streams(artifacts_dir, pool, counts, settings.threads, settings.segment_ms, log)
 
 
@@ -539,6 +546,12 @@ def _algorithms_part(settings: Settings, out: Path, audio: Path | None, quick: b
             "curves": curves}
 
 
+def _triton_plot(bench: dict[str, Any], out: Path) -> None:
+    from echostream.bench.triton import render_triton_plot
+
+    render_triton_plot(bench.get("triton") or {}, out / "triton.png")
+
+
 def _windows_part(artifacts_dir: Path, settings: Settings, log) -> dict[str, Any]:
     from echostream.bench.windows import window_costs
     from echostream.runtime.artifacts import load_artifacts
@@ -572,6 +585,8 @@ def _command_line(args: argparse.Namespace, artifacts_dir: Path) -> str:
         parts.append(f"--audio {args.audio}")
     if args.segment_ms != 320:
         parts.append(f"--segment-ms {args.segment_ms}")
+    if getattr(args, "triton_streams", None):
+        parts.append("--triton-streams " + " ".join(str(n) for n in args.triton_streams))
     if args.skip:
         parts.append("--skip " + " ".join(args.skip))
     return " ".join(p for p in parts if p)

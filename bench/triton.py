@@ -152,3 +152,44 @@ def _triton_run(server, pool: Sequence[np.ndarray], n: int, segment_ms: int) -> 
             "requests": int(requests), "executes": int(execs),
             "requests_per_execute": requests / execs if execs else None,
             "queue_ms_per_request": queue_us / 1000.0 / requests if requests else None}
+
+
+def render_triton_plot(triton: dict[str, Any], path: str | Path) -> bool:
+    """Two panels, in process vs through Triton against concurrent streams: throughput (audio s
+    per wall s) and p50/p95 per-chunk latency. Returns False (and writes nothing) when the part
+    did not run."""
+    if not triton or not triton.get("available") or not triton.get("runs"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = triton["runs"]
+    n = [r["streams"] for r in runs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    left.plot(n, [r["in_process"]["throughput"] for r in runs], "o-", label="in process (decode_streams)")
+    left.plot(n, [r["triton"]["throughput"] for r in runs], "s-", label=f"through Triton ({triton['server']})")
+    left.set_title("Throughput vs concurrent streams")
+    left.set_ylabel("audio s decoded per wall s (all streams)")
+    for side, style, label in (("in_process", "o", "in process"), ("triton", "s", "Triton")):
+        p50 = "segment_compute_p50_ms" if side == "in_process" else "chunk_latency_p50_ms"
+        p95 = "segment_compute_p95_ms" if side == "in_process" else "chunk_latency_p95_ms"
+        right.plot(n, [r[side][p95] for r in runs], style + "-", label=f"{label} p95")
+        right.plot(n, [r[side][p50] for r in runs], style + ":", label=f"{label} p50")
+    right.set_title(f"Latency per {triton['segment_ms']} ms chunk")
+    right.set_ylabel("ms (Triton: send -> answer; in process: the decode round)")
+    right.axhline(triton["segment_ms"], color="grey", lw=0.8, ls="--", label="real time")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(n, [str(k) for k in n])
+        ax.minorticks_off()
+        ax.set_xlabel("concurrent streams")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"EchoStream through Triton vs in process ({triton['threads']} ORT thread(s), "
+                 f"{triton['instances']} instance)")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+    return True
