@@ -13,6 +13,7 @@ python3 -m pip install -q --no-deps torchaudio==2.11.0 || echo "setup: torchaudi
 # the nvidia-pytriton wheel and the gRPC client. Both --no-deps: nvidia-pytriton pins numpy<2 and
 # tritonclient protobuf<7 / ml-dtypes<=0.5.4, which would downgrade this shared environment (torch,
 # onnx); the client runs on the newer ones (pytriton's Python package itself is never imported).
+# pip then warns that their pins are unmet ("dependency conflicts"): expected, and harmless here.
 python3 -m pip install -q --no-deps nvidia-pytriton==0.7.0 tritonclient==2.73.0
 python3 -m pip install -q "grpcio>=1.81.1" "python-rapidjson>=0.9.1" "urllib3>=2.0.7" "packaging>=14.1" ml-dtypes
 # The Python-backend stub is built against NumPy 1.x: the model runs in a numpy<2 environment layered
