@@ -211,6 +211,18 @@ class SequenceHost:
             return idle
 
 
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``; False elsewhere).
+    Freed stream states otherwise stay in the process's RSS, reused but never given back, so an
+    operator could not tell reclaimed sequences from leaked ones."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 # ---- loading from the model config ---------------------------------------------------------------
 
 
@@ -353,7 +365,8 @@ class TritonPythonModel:
     def _reap_loop(self, period: float) -> None:
         while not self._stop.wait(period):
             try:
-                self.host.reap()
+                if self.host.reap():
+                    trim_heap()  # what the reclaimed streams held goes back to the system
             except Exception as exc:  # never let the reaper die silently
                 self._log(f"echostream: reaper error: {type(exc).__name__}: {exc}")
 
