@@ -338,8 +338,15 @@ def test_sentences_with_pauses_get_their_own_metrics_and_speech_streams_to_disk(
     pause = np.zeros(int(1.6 * RATE), np.float32)
     audio = np.concatenate([_speech_like(1.5, seed=1), pause, _speech_like(1.8, seed=2), pause,
                             _speech_like(1.2, seed=3)])
-    inp, out = _write(tmp_path / "three.wav", audio), tmp_path / "three-out.wav"
-    report = _translate(capsys, tiny_dir, inp, "--endpoint-silence-floor", "-15", "--out", out)
+    inp, out, js = _write(tmp_path / "three.wav", audio), tmp_path / "three-out.wav", tmp_path / "3.json"
+    rc, stdout, err = _run(capsys, inp, "--artifacts", tiny_dir, "--endpoint-silence-floor", "-15",
+                           "--out", out, "--json", js)
+    assert rc == 0, err
+    report = json.loads(js.read_text())
+    # Each sentence is printed as it ends; the summary counts them instead of repeating the texts.
+    assert stdout.count("] sentence ") == 2
+    assert f"sentences:   3 (2 pause, 1 end of input), texts in {js}" in stdout
+    assert "translation: " not in stdout
     sentences = report["sentences"]
     assert [s["reason"] for s in sentences] == ["pause", "pause", "end_of_input"]
     bounds = [s["start_ms"] for s in sentences] + [report["metrics"]["source_ms"]]

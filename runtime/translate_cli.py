@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -474,8 +475,15 @@ def _print_event(event) -> None:
 def _print_summary(run: TranslationRun, report: dict[str, Any], args: argparse.Namespace) -> None:
     m = report["metrics"]
     speech = report["speech"]
-    print(f"asr:         {report['asr_text']}")
-    print(f"translation: {report['translation_text']}")
+    sentences = report["sentences"]
+    if len(sentences) > 1:  # each was printed as it ended; the whole text of hours is for --json
+        reasons = Counter(s["reason"].replace("_", " ") for s in sentences)
+        print(f"sentences:   {len(sentences)} ("
+              + ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()) + ")"
+              + (f", texts in {args.json}" if args.json else ""))
+    else:
+        print(f"asr:         {report['asr_text']}")
+        print(f"translation: {report['translation_text']}")
     print(f"speech:      {speech['num_samples'] / run.sample_rate:.3f} s"
           + (f" -> {args.out}" if args.out else ""))
     for kind in ("text", "speech"):
