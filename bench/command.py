@@ -17,10 +17,13 @@ Parts (all on by default; ``--skip`` leaves some out):
    speech, ms per segment vs position, ``streamspeech`` preset (``bench/algorithms.py``);
 7. ``streams`` -- 1..32 concurrent speakers through ``decode_streams``: throughput, per-segment
    compute p50/p95, computation-aware AL, FLOP/s vs peak, RSS per added stream
-   (``bench/streams.py``).
+   (``bench/streams.py``);
+9. ``triton`` -- the same speakers through the real ``tritonserver`` (a generated repository, gRPC
+   streaming clients) beside in-process ``decode_streams`` at 1..16 streams: throughput and p95
+   per-chunk latency (``bench/triton.py``); skipped with a note when Triton cannot run here.
 
 Writes ``bench.json`` (every number, min/median/max), ``bench.md`` (tables + targets) and
-``bench.png`` (plots) to ``--out`` (default ``bench/out``). ``--quick`` is a smoke test on the
+``bench.png`` (plots; ``triton.png`` too when the triton part ran) to ``--out`` (default ``bench/out``). ``--quick`` is a smoke test on the
 ``tiny`` preset that runs in seconds once its artifacts exist. Timings are reported, never asserted.
 
     echostream bench --artifacts /tmp/engines/echostream            # full run, echostream preset
@@ -42,9 +45,10 @@ import numpy as np
 from echostream.errors import BackendUnavailable, EchoStreamError
 
 PARTS = ("position", "pipeline", "streams", "algorithms", "tuning", "backends", "memory",
-         "tensorrt", "windows")
+         "tensorrt", "windows", "triton")
 FULL_STREAM_COUNTS = [1, 2, 4, 8, 16, 32]
 QUICK_STREAM_COUNTS = [1, 2, 8]
+FULL_TRITON_COUNTS = [1, 2, 4, 8, 16]
 
 
 @dataclasses.dataclass
@@ -86,6 +90,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segment-ms", type=int, default=320, help="policy segment (default 320)")
     parser.add_argument("--baseline-budget-s", type=float, default=None,
                         help="seconds the StreamSpeech baseline curve may take (default 240; 10 quick)")
+    parser.add_argument("--triton-streams", nargs="+", type=int, default=None, metavar="N",
+                        help="concurrent streams of the triton part (default 1 2 4 8 16; quick: 1 2 8)")
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], metavar="PART",
                         help=f"parts to leave out: {', '.join(PARTS)}")
     parser.add_argument("--render", type=Path, metavar="BENCH.json",
@@ -143,6 +149,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "windows": lambda: _windows_part(artifacts_dir, settings, log),
         "streams": lambda: _streams_part(artifacts_dir, settings, bench, out, args.quick, log),
         "algorithms": lambda: _algorithms_part(settings, out, args.audio, args.quick, log),
+        "triton": lambda: _triton_part(artifacts_dir, settings, out, args.quick, log,
+                                      args.triton_streams),
     }
     keys = {"position": "cost_vs_position"}
     for part in PARTS:
@@ -152,12 +160,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
     if "tensorrt" not in parts:
         bench["tensorrt"] = {"available": False, "note": "skipped (--skip tensorrt)"}
+    if "triton" not in parts:
+        bench["triton"] = {"available": False, "note": "skipped (--skip triton)"}
     _remeasure_peak(bench, settings, log)
     bench["targets"] = check_targets(bench)
     bench["elapsed_s"] = log.elapsed()
     (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
     (out / "bench.md").write_text(render_markdown(bench))
     render_plot(bench, out / "bench.png")
+    _triton_plot(bench, out)
     return bench
 
 
@@ -178,6 +189,7 @@ def render_saved(path: Path, out: Path) -> dict[str, Any]:
         (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
     (out / "bench.md").write_text(render_markdown(bench))
     render_plot(bench, out / "bench.png")
+    _triton_plot(bench, out)
     return bench
 
 
@@ -485,6 +497,22 @@ def _streams_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any]
             "speakers": len(pool), "stagger_segments": 1, "threads": settings.threads}
 
 
+def _triton_part(artifacts_dir: Path, settings: Settings, out: Path, quick: bool,
+                 log, counts: list[int] | None = None) -> dict[str, Any]:
+    from echostream.bench.streams import speech_pool
+    from echostream.bench.triton import available, triton_streams
+
+    why = available()
+    if why is not None:
+        log(f"triton: skipped: {why}")
+        return {"available": False, "note": why}
+    pool = speech_pool(out / "speakers", 4 if quick else 8, quick)
+    counts = counts or (QUICK_STREAM_COUNTS if quick else FULL_TRITON_COUNTS)
+    if min(counts) < 1:
+        raise EchoStreamError(f"--triton-streams expected counts >= 1, got {counts}")
+    return triton_streams(artifacts_dir, pool, counts, settings.threads, settings.segment_ms, log)
+
+
 def _algorithms_part(settings: Settings, out: Path, audio: Path | None, quick: bool,
                      log) -> dict[str, Any]:
     import soundfile as sf
@@ -516,6 +544,12 @@ def _algorithms_part(settings: Settings, out: Path, audio: Path | None, quick: b
     curves = compare_algorithms(make, audio16, 20.0 if quick else settings.baseline_budget_s, log)
     return {"preset": preset, "audio_s": len(audio16) / 16000.0, "segment_ms": 320,
             "curves": curves}
+
+
+def _triton_plot(bench: dict[str, Any], out: Path) -> None:
+    from echostream.bench.triton import render_triton_plot
+
+    render_triton_plot(bench.get("triton") or {}, out / "triton.png")
 
 
 def _windows_part(artifacts_dir: Path, settings: Settings, log) -> dict[str, Any]:
@@ -551,6 +585,8 @@ def _command_line(args: argparse.Namespace, artifacts_dir: Path) -> str:
         parts.append(f"--audio {args.audio}")
     if args.segment_ms != 320:
         parts.append(f"--segment-ms {args.segment_ms}")
+    if getattr(args, "triton_streams", None):
+        parts.append("--triton-streams " + " ".join(str(n) for n in args.triton_streams))
     if args.skip:
         parts.append("--skip " + " ".join(args.skip))
     return " ".join(p for p in parts if p)

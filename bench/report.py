@@ -23,6 +23,7 @@ TARGETS = {
     "streams_fraction_of_peak_8": (0.50, ">="),
     "streams_rss_over_state": (1.50, "<="),
     "outside_stages_share_1": (0.03, "<="),
+    "triton_over_in_process_16": (0.80, ">="),
 }
 
 
@@ -53,7 +54,21 @@ def check_targets(bench: dict[str, Any]) -> list[dict[str, Any]]:
     rows.append(_row("memory_peak_over_weights", "peak RSS of translate / bytes of the weights",
                      mem.get("ratio"), _memory_note(mem)))
     rows += _streams_rows(bench.get("streams") or {})
+    rows.append(_triton_row(bench.get("triton") or {}))
     return rows
+
+
+def _triton_row(triton: dict[str, Any]) -> dict[str, Any]:
+    runs = {r["streams"]: r for r in triton.get("runs", [])}
+    many = runs.get(16) or (runs[max(runs)] if runs else None)
+    label = f"{many['streams']}" if many else "16"
+    note = triton.get("note", "") if not runs else ""
+    if many and many["throughput_ratio"] < TARGETS["triton_over_in_process_16"][0]:
+        t = many["triton"]
+        note = (f"{t['requests_per_execute']:.1f} requests per execute, "
+                f"{t['queue_ms_per_request']:.1f} ms queued per request")
+    return _row("triton_over_in_process_16", f"throughput through Triton / in process at {label} "
+                "streams (audio s per wall s)", many["throughput_ratio"] if many else None, note)
 
 
 def _streams_rows(streams: dict[str, Any]) -> list[dict[str, Any]]:
@@ -203,7 +218,34 @@ def render_markdown(bench: dict[str, Any]) -> str:
     lines += [""] + _position_section(bench) + _pipeline_section(bench) + _backend_section(bench)
     lines += _memory_section(bench) + _tuning_section(bench) + _tensorrt_section(bench)
     lines += _windows_section(bench) + _streams_section(bench) + _algorithms_section(bench)
+    lines += _triton_section(bench)
     return "\n".join(lines) + "\n"
+
+
+def _triton_section(bench: dict[str, Any]) -> list[str]:
+    triton = bench.get("triton")
+    if triton is None:
+        return []
+    head = ["## 9. Serving through Triton vs in process", ""]
+    if not triton.get("available"):
+        return head + [f"Not run: {triton.get('note', 'no tritonserver')}.", ""]
+    lines = head + [
+        f"The same speakers, all starting together: in process one `decode_streams` per segment; "
+        f"through Triton ({triton['server']}, 1 instance, {triton['threads']} ONNX Runtime "
+        f"thread(s), batcher queue delay {triton['max_queue_delay_us']} us) one gRPC sequence per "
+        "speaker, each chunk sent when the previous one is answered. Latency per chunk: the "
+        "decode round in process, send -> answer through Triton.", "",
+        "| streams | in process: audio s / wall s | p50 / p95 (ms) | Triton: audio s / wall s | "
+        "p50 / p95 (ms) | Triton / in process | requests per execute |",
+        "|---|---|---|---|---|---|---|"]
+    for r in triton["runs"]:
+        a, t = r["in_process"], r["triton"]
+        per = "-" if t["requests_per_execute"] is None else f"{t['requests_per_execute']:.1f}"
+        lines.append(f"| {r['streams']} | {a['throughput']:.2f} | {a['segment_compute_p50_ms']:.0f} / "
+                     f"{a['segment_compute_p95_ms']:.0f} | {t['throughput']:.2f} | "
+                     f"{t['chunk_latency_p50_ms']:.0f} / {t['chunk_latency_p95_ms']:.0f} | "
+                     f"{r['throughput_ratio']:.2f} | {per} |")
+    return lines + [""]
 
 
 def _position_section(bench: dict[str, Any]) -> list[str]:

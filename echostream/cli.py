@@ -19,7 +19,9 @@ COMMANDS = {
     "lint": ("echostream.export.lint", "static TensorRT-readiness check of every graph"),
     "parity": ("echostream.export.parity", "compare every stage against the PyTorch reference"),
     "build-engines": ("echostream.export.tensorrt_build", "build TensorRT engines from the ONNX graphs"),
-    "translate": ("echostream.runtime.translate_cli", "stream an audio file through the artifacts"),
+    "translate": ("echostream.runtime.translate_cli", "stream an audio file through the artifacts (or a Triton server)"),
+    "triton-repo": ("echostream.runtime.triton_repo", "write a Triton Inference Server model repository for the artifacts"),
+    "serve": ("echostream.runtime.serve_cli", "serve a Triton model repository with tritonserver on 127.0.0.1"),
     "bench": ("echostream.bench.command", "benchmarks: cost vs position, RTF, streams, backends, memory"),
 }
 

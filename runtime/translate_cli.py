@@ -11,6 +11,11 @@ the source time it needed::
 At the end the full texts and the latency metrics (SimulEval definitions, ``runtime/metrics.py``)
 are printed; ``--out`` gets the translated speech (16 kHz) and ``--json`` every event and metric.
 
+With ``--server HOST:PORT`` the file goes to a Triton server instead (``echostream serve``): one
+sequence over gRPC, in chunks of the served segment, each answered with that chunk's events, which
+are printed the same way (they equal the in-process ones); ``--realtime`` sends the chunks at the
+pace of the audio without waiting for the answers, as a live microphone would.
+
 Outputs are written atomically (a temp file in the same folder, then ``os.replace``): a failure or an
 interrupt never leaves a partial file, and an existing file is only replaced with ``--force``.
 Everything is checked before models are loaded (input audio, every sample of it, output paths).
@@ -42,31 +47,21 @@ AUDIO_OUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".o
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="IN",
                         help="audio file (WAV, FLAC, OGG, ...; any rate, any channels)")
-    parser.add_argument("--artifacts", required=True, metavar="DIR",
-                        help="artifacts folder written by `echostream export`")
+    parser.add_argument("--artifacts", metavar="DIR",
+                        help="artifacts folder written by `echostream export` (or use --server)")
+    parser.add_argument("--server", metavar="HOST:PORT",
+                        help="translate on a Triton server (`echostream serve`; its gRPC endpoint; "
+                             "several replicas: HOST:PORT,HOST:PORT, the sequence routed by its id)")
+    parser.add_argument("--realtime", action="store_true",
+                        help="with --server: send the chunks at the pace of the audio, without waiting "
+                             "for each answer")
     parser.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime")
-    parser.add_argument("--segment-ms", type=int, default=320, metavar="MS",
+    parser.add_argument("--segment-ms", type=int, default=None, metavar="MS",
                         help="policy segment: a multiple of the Emformer segment, or exactly the chunk "
-                             "Conformer's chunk x 40 ms (default 320)")
+                             "Conformer's chunk x 40 ms (default 320; with --server: the chunk size "
+                             "sent, default the served segment)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    parser.add_argument("--endpoint", action=argparse.BooleanOptionalAction, default=None,
-                        help="end sentences at pauses (the ASR head's blanks; default: on, off "
-                             "with --fidelity exact)")
-    parser.add_argument("--endpoint-after-text-ms", type=float, default=1000.0, metavar="MS",
-                        help="a pause after text this long ends the sentence (default 1000)")
-    parser.add_argument("--endpoint-no-text-ms", type=float, default=3000.0, metavar="MS",
-                        help="silence without text this long restarts the sentence (default 3000)")
-    parser.add_argument("--endpoint-silence-floor", type=float, default=None, metavar="LOGMEL",
-                        help="energy gate: encoder frames whose every mel bin lies below this raw "
-                             "log-mel read as blank (digital silence is -15.9, speech > 0; the "
-                             "seeded random-weight presets need -15 to see pauses; default: off)")
-    parser.add_argument("--carry-encoder", action="store_true",
-                        help="keep the Emformer's state across sentences (default: fresh, as "
-                             "StreamSpeech trains)")
-    parser.add_argument("--fidelity", choices=FIDELITIES, default="incremental",
-                        help="incremental: O(1) per segment, committed tokens keep their states "
-                             "(default); exact: StreamSpeech's agent, call for call (re-decodes the "
-                             "sentence at every write; needs the artifacts' sentence graphs)")
+    add_model_options(parser)
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="intra-op threads (onnxruntime backend)")
     parser.add_argument("--out", metavar="OUT.wav",
@@ -82,26 +77,72 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "sha256 last matched is not re-read)")
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The sentence options of the model (endpointing, fidelity); `echostream triton-repo` bakes
+    the same ones into a served model."""
+    parser.add_argument("--endpoint", action=argparse.BooleanOptionalAction, default=None,
+                        help="end sentences at pauses (the ASR head's blanks; default: on, off "
+                             "with --fidelity exact)")
+    parser.add_argument("--endpoint-after-text-ms", type=float, default=None, metavar="MS",
+                        help="a pause after text this long ends the sentence (default 1000)")
+    parser.add_argument("--endpoint-no-text-ms", type=float, default=None, metavar="MS",
+                        help="silence without text this long restarts the sentence (default 3000)")
+    parser.add_argument("--endpoint-silence-floor", type=float, default=None, metavar="LOGMEL",
+                        help="energy gate: encoder frames whose every mel bin lies below this raw "
+                             "log-mel read as blank (digital silence is -15.9, speech > 0; the "
+                             "seeded random-weight presets need -15 to see pauses; default: off)")
+    parser.add_argument("--carry-encoder", action="store_true",
+                        help="keep the Emformer's state across sentences (default: fresh, as "
+                             "StreamSpeech trains)")
+    parser.add_argument("--fidelity", choices=FIDELITIES, default="incremental",
+                        help="incremental: O(1) per segment, committed tokens keep their states "
+                             "(default); exact: StreamSpeech's agent, call for call (re-decodes the "
+                             "sentence at every write; needs the artifacts' sentence graphs)")
+
+
 def main(args: argparse.Namespace) -> int:
     from echostream.runtime.audio import scan_audio
 
     outputs = _check_outputs(args)
-    if args.segment_ms <= 0:
+    if (args.artifacts is None) == (args.server is None):
+        raise EchoStreamError("give exactly one of --artifacts DIR (in-process) and --server HOST:PORT "
+                              "(a Triton server)")
+    if args.realtime and args.server is None:
+        raise EchoStreamError("--realtime applies to --server only")
+    if args.segment_ms is not None and args.segment_ms <= 0:
         raise EchoStreamError(f"--segment-ms expected a positive number of ms, got {args.segment_ms}")
-    if args.threads is not None and (args.threads < 1 or args.backend != "onnxruntime"):
-        raise EchoStreamError("--threads expects N >= 1 and applies to --backend onnxruntime only")
+    if args.threads is not None and (args.threads < 1 or args.backend != "onnxruntime"
+                                     or args.server is not None):
+        raise EchoStreamError("--threads expects N >= 1 and applies to --backend onnxruntime only "
+                              "(in-process)")
     info = scan_audio(args.input)  # every sample, before any model is loaded
-    translator = _load_translator(args)
-    for vocab in (translator.src_vocab, translator.tgt_vocab):
-        if vocab.notice:
-            print(vocab.notice, file=sys.stderr)
-            break
     on_event = None if args.quiet else _print_event
+    if args.server is not None:
+        _check_server_options(args)
+        from echostream.runtime.triton_client import TritonTranslator, translate_remote
+
+        client = TritonTranslator([u.strip() for u in args.server.split(",") if u.strip()])
+        args.segment_ms = args.segment_ms or client.segment_ms
+
+        def translate(on_speech=None):
+            return translate_remote(client, info, args.segment_ms, args.realtime, on_event, on_speech)
+    else:
+        args.segment_ms = args.segment_ms or 320
+        translator = _load_translator(args)
+        for vocab in (translator.src_vocab, translator.tgt_vocab):
+            if vocab.notice:
+                print(vocab.notice, file=sys.stderr)
+                break
+
+        def translate(on_speech=None):
+            return translate_file(translator, info, args.segment_ms, on_event, on_speech)
     if "out" in outputs:  # speech goes to disk as it comes: memory stays flat over hours of input
         with _speech_file(outputs["out"], args) as speech:
-            run = translate_file(translator, info, args.segment_ms, on_event, speech.write)
+            run = translate(speech.write)
     else:
-        run = translate_file(translator, info, args.segment_ms, on_event)
+        run = translate()
+    if args.server is not None:
+        args.backend, args.precision = f"triton {args.server}", "(server's)"
     report = run.report(info, args)
     _print_summary(run, report, args)
     if "json" in outputs:
@@ -268,7 +309,8 @@ class TranslationRun:
         return {
             "sentences": self.sentence_reports(),
             "input": info.to_dict(),
-            "artifacts": str(args.artifacts), "backend": args.backend,
+            "artifacts": None if args.artifacts is None else str(args.artifacts),
+            "server": getattr(args, "server", None), "backend": args.backend,
             "precision": args.precision, "segment_ms": args.segment_ms,
             "asr_text": end.asr_text if end else "",
             "translation_text": end.translation_text if end else "",
@@ -356,18 +398,53 @@ def translate_file(translator, info, segment_ms: int,
 
 def _load_translator(args: argparse.Namespace):
     options = {} if args.threads is None else {"threads": args.threads}
-    endpoint = args.endpoint if args.endpoint is not None else args.fidelity != "exact"
-    if not endpoint and args.endpoint_silence_floor is not None:
-        raise EchoStreamError("--endpoint-silence-floor gates the endpoint rules; it needs "
-                              "endpointing (drop --no-endpoint, or --fidelity exact)")
+    rules = endpoint_config(args)
     try:
-        rules = EndpointConfig(args.endpoint_after_text_ms, args.endpoint_no_text_ms,
-                               args.carry_encoder, args.endpoint_silence_floor) if endpoint else None
         return _from_artifacts(args, rules, options)
     except ValueError as exc:
         if isinstance(exc, EchoStreamError):
             raise
         raise EchoStreamError(str(exc)) from None
+
+
+def endpoint_config(args: argparse.Namespace) -> EndpointConfig | None:
+    """The endpoint rules the options of :func:`add_model_options` ask for (None: off)."""
+    endpoint = args.endpoint if args.endpoint is not None else args.fidelity != "exact"
+    if not endpoint and args.endpoint_silence_floor is not None:
+        raise EchoStreamError("--endpoint-silence-floor gates the endpoint rules; it needs "
+                              "endpointing (drop --no-endpoint, or --fidelity exact)")
+    if not endpoint:
+        return None
+    try:
+        return EndpointConfig(*endpoint_thresholds(args), args.carry_encoder,
+                              args.endpoint_silence_floor)
+    except ValueError as exc:
+        raise EchoStreamError(str(exc)) from None
+
+
+def endpoint_thresholds(args: argparse.Namespace) -> tuple[float, float]:
+    """(after_text_ms, no_text_ms) of ``--endpoint-after-text-ms`` / ``--endpoint-no-text-ms``,
+    their defaults where not given (None there: ``--server`` tells given from default)."""
+    defaults = EndpointConfig()
+    after, no_text = args.endpoint_after_text_ms, args.endpoint_no_text_ms
+    return (defaults.after_text_ms if after is None else after,
+            defaults.no_text_ms if no_text is None else no_text)
+
+
+# The model's settings: with --server they are the served repository's (`echostream triton-repo`).
+_SERVED_OPTIONS = (("--backend", "backend", "onnxruntime"), ("--precision", "precision", "fp32"),
+                   ("--fidelity", "fidelity", "incremental"), ("--endpoint/--no-endpoint", "endpoint", None),
+                   ("--endpoint-after-text-ms", "endpoint_after_text_ms", None),
+                   ("--endpoint-no-text-ms", "endpoint_no_text_ms", None),
+                   ("--endpoint-silence-floor", "endpoint_silence_floor", None),
+                   ("--carry-encoder", "carry_encoder", False), ("--verify", "verify", False))
+
+
+def _check_server_options(args: argparse.Namespace) -> None:
+    given = [flag for flag, key, default in _SERVED_OPTIONS if getattr(args, key, default) != default]
+    if given:
+        raise EchoStreamError(f"{', '.join(given)}: with --server the model's settings are the "
+                              "served repository's (set them with `echostream triton-repo`)")
 
 
 def _from_artifacts(args: argparse.Namespace, rules, options: dict):
