@@ -23,7 +23,8 @@ Parts (all on by default; ``--skip`` leaves some out):
    per-chunk latency (``bench/triton.py``); skipped with a note when Triton cannot run here.
 
 Writes ``bench.json`` (every number, min/median/max), ``bench.md`` (tables + targets) and
-``bench.png`` (plots; ``triton.png`` too when the triton part ran) to ``--out`` (default ``bench/out``). ``--quick`` is a smoke test on the
+``bench.png`` (plots; ``streams.png`` and ``triton.png`` too when those parts ran) to ``--out``
+(default ``bench/out``). ``--quick`` is a smoke test on the
 ``tiny`` preset that runs in seconds once its artifacts exist. Timings are reported, never asserted.
 
     echostream bench --artifacts /tmp/engines/echostream            # full run, echostream preset
@@ -168,7 +169,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
     (out / "bench.md").write_text(render_markdown(bench))
     render_plot(bench, out / "bench.png")
-    _triton_plot(bench, out)
+    _part_plots(bench, out)
     return bench
 
 
@@ -189,7 +190,7 @@ def render_saved(path: Path, out: Path) -> dict[str, Any]:
         (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
     (out / "bench.md").write_text(render_markdown(bench))
     render_plot(bench, out / "bench.png")
-    _triton_plot(bench, out)
+    _part_plots(bench, out)
     return bench
 
 
@@ -546,9 +547,12 @@ def _algorithms_part(settings: Settings, out: Path, audio: Path | None, quick: b
             "curves": curves}
 
 
-def _triton_plot(bench: dict[str, Any], out: Path) -> None:
+def _part_plots(bench: dict[str, Any], out: Path) -> None:
+    """The plots of the parts that have their own figure: streams.png, triton.png."""
+    from echostream.bench.streams import render_streams_plot
     from echostream.bench.triton import render_triton_plot
 
+    render_streams_plot(bench.get("streams") or {}, out / "streams.png")
     render_triton_plot(bench.get("triton") or {}, out / "triton.png")
 
 

@@ -229,3 +229,51 @@ def added_rss_per_stream(memory: Sequence[Mapping[str, Any]]) -> float | None:
     n = np.array([m["streams"] for m in memory], dtype=np.float64)
     rss = np.array([m["peak_rss_bytes"] for m in memory], dtype=np.float64)
     return float(np.polyfit(n, rss, 1)[0])
+
+
+# ---- plot ------------------------------------------------------------------------------------------
+
+
+def render_streams_plot(streams: Mapping[str, Any], path: str | Path) -> bool:
+    """Two panels against concurrent streams: aggregate throughput (audio s per wall s) with the
+    ideal linear scaling from one stream, and p50/p95 per-segment compute with the real-time line.
+    Returns False (and writes nothing) when the part did not run."""
+    if not streams or not streams.get("runs"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = streams["runs"]
+    n = [r["streams"] for r in runs]
+    segment_ms = 1000.0 * runs[0]["segment_s"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    left.plot(n, [r["throughput"] for r in runs], "o-", label="decode_streams")
+    left.plot(n, [runs[0]["throughput"] * k / n[0] for k in n], ":", color="grey",
+              label="linear in streams (from 1)")
+    left.set_title("Throughput vs concurrent streams")
+    left.set_ylabel("audio s decoded per wall s (all streams)")
+    right.plot(n, [r["segment_compute_p95_ms"] for r in runs], "o-", label="p95")
+    right.plot(n, [r["segment_compute_p50_ms"] for r in runs], "o:", label="p50")
+    right.axhline(segment_ms, color="grey", lw=0.8, ls="--", label=f"segment ({segment_ms:.0f} ms)")
+    right.set_title("Per-segment compute")
+    right.set_ylabel("ms (the decode round a segment waited for)")
+    right.set_yscale("log")
+    stream_count_axes((left, right), n)
+    fig.suptitle(f"Many streams on one engine (ONNX Runtime, {streams.get('threads')} thread(s))")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+    return True
+
+
+def stream_count_axes(axes, counts: Sequence[int]) -> None:
+    """The x axis of every plot against concurrent streams: log2, a tick per count measured."""
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(k) for k in counts])
+        ax.minorticks_off()
+        ax.set_xlabel("concurrent streams")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)

@@ -165,6 +165,8 @@ def render_triton_plot(triton: dict[str, Any], path: str | Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .streams import stream_count_axes
+
     runs = triton["runs"]
     n = [r["streams"] for r in runs]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -180,13 +182,7 @@ def render_triton_plot(triton: dict[str, Any], path: str | Path) -> bool:
     right.set_title(f"Latency per {triton['segment_ms']} ms chunk")
     right.set_ylabel("ms (Triton: send -> answer; in process: the decode round)")
     right.axhline(triton["segment_ms"], color="grey", lw=0.8, ls="--", label="real time")
-    for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(n, [str(k) for k in n])
-        ax.minorticks_off()
-        ax.set_xlabel("concurrent streams")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    stream_count_axes((left, right), n)
     fig.suptitle(f"EchoStream through Triton vs in process ({triton['threads']} ORT thread(s), "
                  f"{triton['instances']} instance)")
     fig.tight_layout()

@@ -44,6 +44,7 @@ def test_quick_run_writes_json_markdown_and_png(quick_run):
     assert bench["mode"] == "quick" and bench["preset"] == "tiny"
     assert "tuning" not in bench  # --skip tuning was honoured
     assert (out / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "streams.png").read_bytes()[:8] == PNG_MAGIC  # throughput and p95 vs streams
     md = (out / "bench.md").read_text()
     for heading in ("## Targets", "## 1. Encoder cost", "## 2. Whole pipeline", "## 3. Backends",
                     "## 4. Memory", "## 5. TensorRT", "## 6. Windows"):

@@ -96,18 +96,22 @@ def test_runtime_runs_every_stage_without_torch(tiny_artifacts_dir):
     assert "no torch imported" in proc.stdout
 
 
-def test_runtime_sources_never_import_torch():
-    """Static twin of the subprocess test: no runtime module mentions torch in an import."""
-    offenders = []
+def _runtime_imports() -> list[tuple[str, int, str]]:
+    """(file name, line, imported module) of every import statement under ``runtime/``."""
+    found = []
     for path in sorted(RUNTIME.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = []
             if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
+                found += [(path.name, node.lineno, a.name) for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            offenders += [f"{path.name}:{node.lineno} {n}" for n in names
-                          if n == "torch" or n.startswith("torch.")]
+                found.append((path.name, node.lineno, node.module))
+    return found
+
+
+def test_runtime_sources_never_import_torch():
+    """Static twin of the subprocess test: no runtime module mentions torch in an import."""
+    offenders = [f"{f}:{line} {n}" for f, line, n in _runtime_imports()
+                 if n == "torch" or n.startswith("torch.")]
     assert not offenders, offenders
 
 
@@ -115,14 +119,6 @@ def test_runtime_sources_never_import_models_or_export():
     """The runtime depends on nothing of ours but the core (``echostream/``): no import statement
     names ``echostream.models`` or ``echostream.export`` (the torch backend is reached through the
     registry by module name, only when asked for)."""
-    offenders = []
-    for path in sorted(RUNTIME.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            offenders += [f"{path.name}:{node.lineno} {n}" for n in names
-                          if n.startswith(("echostream.models", "echostream.export"))]
+    offenders = [f"{f}:{line} {n}" for f, line, n in _runtime_imports()
+                 if n.startswith(("echostream.models", "echostream.export"))]
     assert not offenders, offenders

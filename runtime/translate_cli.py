@@ -269,6 +269,18 @@ class TranslationRun:
     def of_kind(self, kind: str) -> list[tuple[Any, float]]:
         return [(e, w) for e, w in zip(self.events, self.wall_ms) if e.kind == kind]
 
+    def record(self, event, wall_ms: float, on_event: Callable | None = None,
+               on_speech: Callable | None = None) -> None:
+        """Keep ``event`` (a speech chunk's samples go to ``on_speech``, only its note is kept)."""
+        if on_event is not None:
+            on_event(event)
+        if event.kind == "speech":
+            if on_speech is not None:
+                on_speech(event)
+            event = SpeechNote.of(event)
+        self.events.append(event)
+        self.wall_ms.append(wall_ms)
+
     @property
     def end(self):
         ends = self.of_kind("end")
@@ -370,14 +382,7 @@ def translate_file(translator, info, segment_ms: int,
         events = call() or []
         spent += time.perf_counter() - start
         for event in events:
-            if on_event is not None:
-                on_event(event)
-            if event.kind == "speech":
-                if on_speech is not None:
-                    on_speech(event)
-                event = SpeechNote.of(event)
-            run.events.append(event)
-            run.wall_ms.append(1000.0 * spent)
+            run.record(event, 1000.0 * spent, on_event, on_speech)
 
     def feed(block: np.ndarray) -> list:
         stream.accept_waveform(info.sample_rate, block)

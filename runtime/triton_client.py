@@ -287,7 +287,7 @@ def translate_remote(client: TritonTranslator, info, segment_ms: int, realtime: 
     import time
 
     from echostream.runtime.audio import iter_audio_blocks
-    from echostream.runtime.translate_cli import SpeechNote, TranslationRun
+    from echostream.runtime.translate_cli import TranslationRun
 
     run = TranslationRun()
     stream = client.create_stream()
@@ -296,15 +296,7 @@ def translate_remote(client: TritonTranslator, info, segment_ms: int, realtime: 
 
     def record(events: list[Event], wall_ms) -> None:
         for event in events:
-            wall = wall_ms(event)
-            if on_event is not None:
-                on_event(event)
-            if event.kind == "speech":
-                if on_speech is not None:
-                    on_speech(event)
-                event = SpeechNote.of(event)
-            run.events.append(event)
-            run.wall_ms.append(wall)
+            run.record(event, wall_ms(event), on_event, on_speech)
 
     def arrived(event: Event) -> float:
         return max(0.0, 1000.0 * (time.perf_counter() - start) - event.source_ms)
