@@ -68,6 +68,10 @@ def test_soak_script_short_run(tmp_path, tiny_artifacts_dir):
     assert {e["reason"] for e in ends} <= {"pause", "target_capacity", "source_capacity",
                                            "end_of_input"}
     assert ends[-1]["reason"] == "end_of_input"
+    # every whole sentence (+ its pause) is costed, keyed by its place in the pool for the time verdict
+    costed = result["sentences"]
+    assert len(pauses) - 1 <= len(costed) <= len(pauses)
+    assert all(isinstance(c["item"], int) and c["cpu_s"] > 0 for c in costed)
     # the state never changes size, and work was really done in every interval
     assert len(verdicts["state"]["state_bytes"]) == 1 and verdicts["state"]["state_bytes"][0] > 0
     assert not any(r["state_changed"] for r in records)
@@ -99,8 +103,14 @@ def test_verdicts_catch_growth():
             buffered_frames_max=frames, pending_units_max=2, asr_tokens=10,
             translation_tokens=10, speech_samples=100)
 
+    def sentences(cost):  # 5 pool items cycled once a minute: start_s and CPU s of each
+        return [{"item": k, "label": f"s{k}", "start_s": 60.0 * c + 12.0 * k, "cpu_s": cost(c, k)}
+                for c in range(60) for k in range(5)]
+
+    steady = sentences(lambda c, k: 1.0 + 0.1 * k + 0.01 * (c % 3))  # noise, no trend
     flat = [record(i, 100.0) for i in range(60)]
-    assert all(soak.verdicts(flat)[v]["ok"] for v in ("state", "rss", "time", "capacity"))
+    assert all(soak.verdicts(flat, sentences=steady)[v]["ok"]
+               for v in ("state", "rss", "time", "capacity"))
     assert not soak.verdicts(flat)["endpoints"]["ok"], "no pause, no endpoint: nothing shown"
     leaking = [record(i, 100.0 + 0.2 * i) for i in range(60)]  # +12 % over the hour
     assert not soak.verdicts(leaking)["rss"]["ok"]
@@ -110,10 +120,15 @@ def test_verdicts_catch_growth():
     assert not soak.verdicts(frames)["state"]["ok"]
     reshaped = [record(i, 100.0, changed=i == 40) for i in range(60)]
     assert not soak.verdicts(reshaped)["state"]["ok"]
-    slowing = [record(i, 100.0, ms=10.0 + 0.2 * i) for i in range(60)]
-    assert not soak.verdicts(slowing)["time"]["ok"]
-    slightly = [record(i, 100.0, ms=10.0 + 0.04 * i) for i in range(60)]  # +21 %: over 1.1
-    assert not soak.verdicts(slightly)["time"]["ok"]
+    slowing = sentences(lambda c, k: 1.0 + 0.02 * c)  # the same sentence costs more each cycle
+    assert not soak.verdicts(flat, sentences=slowing)["time"]["ok"]
+    slightly = sentences(lambda c, k: 1.0 + 0.004 * c)  # +21 % after 53 cycles: over 1.1
+    assert not soak.verdicts(flat, sentences=slightly)["time"]["ok"]
+    assert not soak.verdicts(flat)["time"]["ok"], "no sentence came back: nothing shown"
+    # Interval medians that move with the content are reported, not judged.
+    wavy = [record(i, 100.0, ms=10.0 + 5.0 * (i > 45)) for i in range(60)]
+    verdict = soak.verdicts(wavy, sentences=steady)["time"]
+    assert verdict["ok"] and verdict["intervals_last_over_first_quarter"]["cpu"]["ratio"] == 1.5
 
 
 def test_endpoint_scores_count_misses_and_extras():
