@@ -212,6 +212,18 @@ def encoder_hop_frames(cfg: Config) -> int:
     return CONFORMER_FRAME_FBANK * encoder_step_frames(cfg)
 
 
+def fbank_frame_count(num_samples: int, window: int, shift: int) -> int:
+    """Fbank frames of ``num_samples`` samples with snip_edges (whole windows only):
+    ``1 + (N - window) // shift``, 0 if ``N < window`` (window and shift in samples)."""
+    return 0 if num_samples < window else 1 + (num_samples - window) // shift
+
+
+def subsampled_frame_count(fbank_frames: int) -> int:
+    """Encoder frames of the full pass over ``fbank_frames`` (either 4x subsampler: two stride-2
+    convs, ``kernel // 2`` padding): ``(F - 1) // 4 + 1``, 0 for none."""
+    return (fbank_frames - 1) // 4 + 1 if fbank_frames > 0 else 0
+
+
 def encoder_has_valid_input(cfg: Config) -> bool:
     """Whether the encoder stage takes ``valid_frames`` (the Conformer: a partial last chunk is
     computed as the full pass computes it; the Emformer's right context has no such input)."""

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import torch
 
+from echostream.contract import fbank_frame_count
+
 INT16_SCALE = 32768.0  # StreamSpeech: waveform * 2**15 before fbank
 PREEMPHASIS = 0.97
 POVEY_POWER = 0.85
@@ -41,9 +43,7 @@ def frame_sizes(feature_cfg: Mapping[str, Any]) -> tuple[int, int, int]:
     return window, shift, 1 << (window - 1).bit_length()
 
 
-def num_frames(num_samples: int, window: int, shift: int) -> int:
-    """Frames with snip_edges: only whole windows, ``1 + (N - window) // shift`` (0 if N < window)."""
-    return 0 if num_samples < window else 1 + (num_samples - window) // shift
+num_frames = fbank_frame_count  # frames with snip_edges (echostream.contract)
 
 
 def povey_window(window: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

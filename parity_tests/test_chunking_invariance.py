@@ -65,6 +65,17 @@ def run(translator: Translator, samples: np.ndarray, rate: int,
     return events
 
 
+def assert_same_events(a: list, b: list) -> None:
+    """The same events: types, kinds and what a hypothesis takes back, the projection exactly,
+    speech samples within 1e-5."""
+    assert [type(e) for e in a] == [type(e) for e in b]
+    assert [getattr(e, "replaces", 0) for e in a] == [getattr(e, "replaces", 0) for e in b]
+    assert projection(a) == projection(b)
+    for x, y in zip(a, b):
+        if isinstance(x, SpeechChunk):
+            np.testing.assert_allclose(x.samples, y.samples, atol=1e-5, rtol=0)
+
+
 def projection(events: list) -> list[tuple]:
     """What the issue names, event by event: kind, token / unit ids, delay, sample count."""
     rows = []

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 
 from echostream.errors import ArtifactError
-from echostream.runtime.events import (AsrText, EndOfSentence, EndOfStream, SpeechChunk,
+from echostream.runtime.events import (EndOfSentence, EndOfStream, SpeechChunk,
                                        TranslationText)
 from echostream.runtime.policy import PolicyConfig
 from echostream.runtime.translator import SegmentSizeError, Translator
 
-from test_chunking_invariance import projection
+from test_chunking_invariance import assert_same_events
 from test_translator import bursts, translate
 
 torch = pytest.importorskip("torch", reason="the exact mode's reference agent needs PyTorch")
@@ -35,16 +34,6 @@ POLICY = PolicyConfig(final_max_len=12)
 def exact(folder, backend: str, segment_ms: int = 320) -> Translator:
     return Translator.from_artifacts(folder, backend=backend, segment_ms=segment_ms,
                                      policy=POLICY, fidelity="exact")
-
-
-def assert_same(a: list, b: list) -> None:
-    assert [type(e) for e in a] == [type(e) for e in b]
-    rows = [(e.kind, getattr(e, "replaces", 0)) for e in a]
-    assert rows == [(e.kind, getattr(e, "replaces", 0)) for e in b]
-    assert projection(a) == projection(b)
-    for x, y in zip(a, b):
-        if isinstance(x, SpeechChunk):
-            np.testing.assert_allclose(x.samples, y.samples, atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +64,7 @@ def test_graphs_equal_the_reference_agent(name, segment_ms, seconds, seed, reque
     runs = {b: translate(exact(folder, b, segment_ms), audio, 5000)[0]
             for b in ("onnxruntime", "torch")}
     ort, ref = runs["onnxruntime"], runs["torch"]
-    assert_same(ort, ref)
+    assert_same_events(ort, ref)
     assert any(isinstance(e, TranslationText) for e in ort) and any(
         isinstance(e, SpeechChunk) for e in ort), "random weights still write and speak"
     assert isinstance(ort[-1], EndOfStream) and isinstance(ort[-2], EndOfSentence)
@@ -118,7 +107,7 @@ def test_whole_word_final_input_ends_with_a_pad_position(conformer_640):
     finally:
         del stage.run
     assert 1 in pads
-    assert_same(events, translate(translators["torch"], audio, 5000)[0])
+    assert_same_events(events, translate(translators["torch"], audio, 5000)[0])
 
 
 def test_exact_mode_is_chunking_invariant_and_batches(streamspeech_tiny_artifacts_dir):
@@ -126,7 +115,7 @@ def test_exact_mode_is_chunking_invariant_and_batches(streamspeech_tiny_artifact
     audios = [bursts(1.8, seed=s) for s in (5, 6, 8)]
     alone = [translate(translator, a, len(a))[0] for a in audios]
     for a, want in zip(audios, alone):
-        assert_same(translate(translator, a, 1234)[0], want)
+        assert_same_events(translate(translator, a, 1234)[0], want)
     streams = [translator.create_stream() for _ in audios]
     got: list[list] = [[] for _ in audios]
     for start in range(0, max(len(a) for a in audios), 4000):
@@ -138,7 +127,7 @@ def test_exact_mode_is_chunking_invariant_and_batches(streamspeech_tiny_artifact
         for i, new in enumerate(translator.decode_streams(streams)):
             got[i] += new
     for events, want in zip(got, alone):
-        assert_same(events, want)
+        assert_same_events(events, want)
 
 
 def test_exact_mode_refusals(tiny_artifacts_dir, tmp_path):

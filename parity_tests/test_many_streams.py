@@ -22,11 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from echostream.errors import AudioError
-from echostream.runtime.events import SpeechChunk
 from echostream.runtime.policy import PolicyConfig
 from echostream.runtime.translator import Translator
 
-from test_chunking_invariance import projection
+from test_chunking_invariance import assert_same_events
 from test_translator import bursts
 
 POLICY = PolicyConfig(final_max_len=10)
@@ -118,13 +117,6 @@ def together(translator: Translator, plans: list[Plan]) -> list[list]:
     return events
 
 
-def assert_same(batched: list, alone: list) -> None:
-    assert projection(batched) == projection(alone)
-    for a, b in zip(batched, alone):
-        if isinstance(a, SpeechChunk):
-            np.testing.assert_allclose(a.samples, b.samples, atol=1e-5, rtol=0)
-
-
 @pytest.fixture(scope="module")
 def translators(tiny_artifacts_dir):
     out = {ms: Translator.from_artifacts(tiny_artifacts_dir, segment_ms=ms, policy=POLICY,
@@ -140,7 +132,7 @@ def test_random_schedules_equal_solo_decoding_on_onnxruntime(translators, plans,
     translator = translators[segment]
     batched = together(translator, plans)
     for plan, events in zip(plans, batched):
-        assert_same(events, solo(translator, plan))
+        assert_same_events(events, solo(translator, plan))
 
 
 @settings(max_examples=3, deadline=None, derandomize=True, database=None,
@@ -150,7 +142,7 @@ def test_random_schedules_equal_solo_decoding_on_torch(translators, plans):
     translator = translators["torch"]
     batched = together(translator, plans)
     for plan, events in zip(plans, batched):
-        assert_same(events, solo(translator, plan))
+        assert_same_events(events, solo(translator, plan))
 
 
 def test_batched_calls_really_batch(translators):
@@ -190,7 +182,7 @@ def test_a_refused_stream_does_not_disturb_the_others(translators):
     second = translator.decode_streams(streams)
     for i, a in enumerate(audio):
         plan = Plan(a, 16000, 0, [8000, len(a) - 8000])
-        assert_same(first[i] + second[i], solo(translator, plan))
+        assert_same_events(first[i] + second[i], solo(translator, plan))
 
 
 def test_decode_streams_refuses_foreign_and_repeated_streams(translators):
@@ -209,4 +201,4 @@ def test_device_state_backend_batches_streams_exactly(tiny_artifacts_dir):
                                            device="cpu", policy=POLICY, deterministic=True)
     plans = [Plan(bursts(1.2, seed=s), 16000, s % 2, [6000, 13200]) for s in range(3)]
     for plan, events in zip(plans, together(translator, plans)):
-        assert_same(events, solo(translator, plan))
+        assert_same_events(events, solo(translator, plan))

@@ -14,11 +14,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from echostream.contract import subsampled_frame_count
 from echostream.errors import AudioError, EchoStreamError
 from echostream.runtime.events import (AsrText, EndOfSentence, EndOfStream, SpeechChunk,
                                        TranslationText)
 from echostream.runtime.policy import PolicyConfig
-from echostream.runtime.translator import SegmentSizeError, Translator, encoder_frames
+from echostream.runtime.translator import SegmentSizeError, Translator
 
 SR = 16000
 POLICY = PolicyConfig(final_max_len=12)  # short final decodes keep the tests fast
@@ -98,7 +99,7 @@ def test_events_are_consistent(reference, translator):
     assert all(t["calls"] > 0 and t["seconds"] > 0 for t in timings.values())
     # encoder calls: one S-frame step per started segment of output frames (the last R
     # subsampled frames are right context only)
-    frames = encoder_frames(1 + (len(audio) - 400) // 160) - translator.right_context
+    frames = subsampled_frame_count(1 + (len(audio) - 400) // 160) - translator.right_context
     assert timings["encoder"]["calls"] == -(-frames // translator.segment_length)
     for e in events:
         assert e.to_json()["type"] == e.kind

@@ -28,6 +28,8 @@ from echostream.runtime import triton_protocol as wire
 from echostream.runtime.events import SpeechChunk
 from echostream.runtime.triton_repo import write_repository
 
+from test_translator import translate
+
 RATE = 16000
 SEGMENT = 5120  # 320 ms at 16 kHz
 IDLE_S = 1.0
@@ -95,13 +97,7 @@ def local(tiny_artifacts_dir):
 
 
 def _in_process(translator, audio: np.ndarray, rate: int = RATE, segment: int = SEGMENT):
-    stream = translator.create_stream()
-    events = []
-    for i in range(0, len(audio), segment):
-        stream.accept_waveform(rate, audio[i:i + segment])
-        events += translator.decode(stream)
-    stream.input_finished()
-    return events + translator.decode(stream)
+    return translate(translator, audio, segment, rate)[0]
 
 
 def _remote(client, audio: np.ndarray, rate: int = RATE, segment: int = SEGMENT, sequence_id=None):

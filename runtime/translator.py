@@ -57,6 +57,7 @@ import numpy as np
 from echostream.contract import (EXACT_STAGE_NAMES, STAGE_NAMES, as_config,
                                  conformer_block_chunks, encoder_has_valid_input, encoder_hop_frames,
                                  encoder_kind, encoder_step_frames, encoder_window_frames,
+                                 fbank_frame_count, subsampled_frame_count,
                                  encoder_window_lead, sentence_source_frames,
                                  sentence_target_tokens)
 from echostream.errors import ArtifactError, EchoStreamError
@@ -401,7 +402,7 @@ class Translator:
                 and not self._source_full(s, 1):
             yield from self._encoder_step(stream, self.segment_length, end)
         if finished and not self.valid_input:  # the Emformer's tail, as the incremental mode
-            valid = max(0, encoder_frames(end - s.frame_base) - self.right_context)
+            valid = max(0, subsampled_frame_count(end - s.frame_base) - self.right_context)
             while s.encoder_steps * self.segment_length < valid and not self._source_full(s, 1):
                 done = s.encoder_steps * self.segment_length
                 yield from self._encoder_step(stream, min(self.segment_length, valid - done), end)
@@ -411,7 +412,7 @@ class Translator:
         Emformer has no partial segment: 0)."""
         if not self.valid_input:
             return 0
-        return max(0, encoder_frames(end - s.frame_base) - s.encoder_steps * self.segment_length)
+        return max(0, subsampled_frame_count(end - s.frame_base) - s.encoder_steps * self.segment_length)
 
     def _end_of_stream(self, stream: Stream, source_ms: float) -> EndOfStream:
         said = stream.transcript
@@ -419,7 +420,7 @@ class Translator:
                            " ".join(said.translation_texts), tuple(said.translation_ids),
                            said.num_samples)
 
-    # ---- capacity ----------------------------------------------------------------------------
+    # ---- endpoints and capacity ------------------------------------------------------------
 
     def _endpoint(self, stream: Stream) -> Program:
         """The endpoint rules after a segment (``runtime/endpoint.py``)."""
@@ -488,7 +489,7 @@ class Translator:
             # Output frames of the full-utterance pass: the last R subsampled frames of the real
             # audio are only the final segment's right context (torchaudio Emformer.forward).
             fbank = stream.features.num_frames - s.frame_base
-            valid = max(0, encoder_frames(fbank) - self.right_context)
+            valid = max(0, subsampled_frame_count(fbank) - self.right_context)
             remaining = math.ceil(valid / self.segment_length) - s.encoder_steps
             if remaining > 0 and self._source_full(s, 1):
                 events += yield from self._end_sentence(stream, "source_capacity", source_ms)
@@ -661,9 +662,8 @@ def check_exact(cfg, segment_ms: int) -> None:
 
 def fbank_frames(samples: int, features) -> int:
     """Fbank frames (snip_edges) of ``samples`` samples: whole windows only."""
-    window = int(features.sample_rate * features.frame_length_ms / 1000)
-    shift = int(features.sample_rate * features.frame_shift_ms / 1000)
-    return 0 if samples < window else (samples - window) // shift + 1
+    return fbank_frame_count(samples, int(features.sample_rate * features.frame_length_ms / 1000),
+                             int(features.sample_rate * features.frame_shift_ms / 1000))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -684,10 +684,6 @@ def _vocabulary(artifacts: Any, which: str) -> Vocabulary:
                                    name=f"{artifacts.root} {which} vocabulary")
 
 
-def encoder_frames(fbank_frames: int) -> int:
-    """Encoder frames of the full pass over ``fbank_frames`` (two 3x3 stride-2 convs with padding
-    1): ``(F - 1) // 4 + 1``, 0 for none."""
-    return (fbank_frames - 1) // 4 + 1 if fbank_frames > 0 else 0
 
 
 def steps_per_segment(config: Mapping[str, Any], segment_ms: int) -> int:
