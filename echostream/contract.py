@@ -335,17 +335,29 @@ def mt_self_states(layers: int, tokens: int, d: int) -> tuple[TensorSpec, ...]:
             TensorSpec("target_positions", (BATCH,), INT32))
 
 
-def unit_decoder_states(t2u_layers: int, layers: int, text: int, upsample: int,
-                        d: int) -> tuple[TensorSpec, ...]:
-    """T2U K/V, unit cross-attention K/V (``text`` text states), unit self-attention K/V
-    (``upsample * text`` rows) + counter."""
+def unit_decoder_states(t2u_layers: int, layers: int, text: int, upsample: int, d: int,
+                        heads: int) -> tuple[TensorSpec, ...]:
+    """T2U K/V, unit cross-attention K/V (``text`` text states), one unit self-attention K/V pair
+    per layer (``upsample * text`` rows, heads-major) + counter.
+
+    The self-attention caches are 90 % of the stage's state and rewritten at every call, so each
+    layer's pair is its own tensor in the layout attention reads (``[B, H, rows, D/H]``): a step
+    then copies each of them exactly twice (the ``cat`` attention reads, the FIFO slice), with no
+    per-layer gather, transpose or re-stack.
+    """
     t2u = (BATCH, t2u_layers, text, d)
     cross = (BATCH, layers, text, d)
-    own = (BATCH, layers, upsample * text, d)
+    own = (BATCH, heads, upsample * text, d // heads)
+    per_layer = tuple(TensorSpec(name, own) for i in range(layers)
+                      for name in unit_self_state_names(i))
     return (TensorSpec("t2u_keys", t2u), TensorSpec("t2u_values", t2u),
             TensorSpec("cross_keys", cross), TensorSpec("cross_values", cross),
-            TensorSpec("unit_keys", own), TensorSpec("unit_values", own),
-            TensorSpec("text_positions", (BATCH,), INT32))
+            *per_layer, TensorSpec("text_positions", (BATCH,), INT32))
+
+
+def unit_self_state_names(layer: int) -> tuple[str, str]:
+    """The unit decoder's self-attention key and value state names of ``layer``."""
+    return f"unit_keys_{layer}", f"unit_values_{layer}"
 
 
 # ---- per-stage contracts ----------------------------------------------------------------------
@@ -441,7 +453,7 @@ def unit_decoder_contract(cfg: Config) -> StageContract:
         data_inputs=(TensorSpec("x", (BATCH, c.mt.d_model)),),
         data_outputs=(TensorSpec("y", (BATCH, u.upsample, u.num_classes)),),
         states=unit_decoder_states(u.t2u_layers, u.num_layers, sentence_target_tokens(c),
-                                   u.upsample, u.d_model),
+                                   u.upsample, u.d_model, u.num_heads),
     )
 
 

@@ -64,22 +64,27 @@ class MultiheadAttention(nn.Module):
         """``[B, T, kdim]`` -> keys, values ``[B, T, d_model]`` (what caches store)."""
         return self.k_proj(x), self.v_proj(x)
 
+    def split_heads(self, x: Tensor) -> Tensor:
+        """``[B, T, d_model]`` -> heads-major ``[B, H, T, Dh]``."""
+        B, T, _ = x.shape
+        return x.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
     def attend(self, query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor | None) -> Tensor:
         """Attention of projected-or-raw queries over already projected keys/values.
 
         Args:
             query: ``[B, Tq, d_model]`` (un-projected; projected here).
-            keys, values: ``[B, Tk, d_model]`` (projected).
+            keys, values: ``[B, Tk, d_model]`` (projected), or heads-major ``[B, H, Tk, Dh]``
+                (a cache kept in the layout attention reads, so it is never transposed).
             allowed: bool ``[B or 1, Tq, Tk]`` (True = may attend) or None. No row may be all False.
         Returns:
             ``[B, Tq, d_model]`` after the output projection.
         """
         B, Tq, _ = query.shape
-        Tk = keys.shape[1]
-        H, Dh = self.num_heads, self.head_dim
-        q = self.q_proj(query).reshape(B, Tq, H, Dh).transpose(1, 2)  # [B, H, Tq, Dh]
-        k = keys.reshape(B, Tk, H, Dh).transpose(1, 2)
-        v = values.reshape(B, Tk, H, Dh).transpose(1, 2)
+        q = self.split_heads(self.q_proj(query))  # [B, H, Tq, Dh]
+        k = keys if keys.dim() == 4 else self.split_heads(keys)
+        v = values if values.dim() == 4 else self.split_heads(values)
+        Dh = self.head_dim
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (Dh ** -0.5)
         if allowed is not None:
             scores = scores + mask_bias(allowed).unsqueeze(1)

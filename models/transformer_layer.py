@@ -115,14 +115,20 @@ class FeedForward(nn.Module):
 
 def _self_attention_kv(attn: MultiheadAttention, h: Tensor, past_keys: Tensor | None,
                        past_values: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Project the new rows ``h`` ``[B, N, D]`` and prepend the cached ``[B, C, D]`` K/V.
+    """Project the new rows ``h`` ``[B, N, D]`` and prepend the cached K/V.
+
+    A ``[B, C, D]`` cache gives keys ``[B, C+N, D]`` and new keys ``[B, N, D]``; a heads-major
+    ``[B, H, C, Dh]`` cache gives keys ``[B, H, C+N, Dh]`` and new keys ``[B, H, N, Dh]``.
 
     Returns:
-        (keys ``[B, C+N, D]``, values, new keys ``[B, N, D]``, new values).
+        (keys, values, new keys, new values).
     """
     k, v = attn.project_kv(h)
     if past_keys is None:
         return k, v, k, v
+    if past_keys.dim() == 4:
+        k, v = attn.split_heads(k), attn.split_heads(v)
+        return torch.cat([past_keys, k], dim=2), torch.cat([past_values, v], dim=2), k, v
     return torch.cat([past_keys, k], dim=1), torch.cat([past_values, v], dim=1), k, v
 
 
@@ -181,9 +187,10 @@ class TransformerDecoderLayer(nn.Module):
             self_allowed: bool ``[B or 1, N, C + N]`` (``C = 0`` without a past).
             cross_keys, cross_values: ``[B, S, D]`` projected source K/V.
             cross_allowed: bool ``[B or 1, N, S]``; no row may be all False.
-            past_keys, past_values: ``[B, C, D]`` cached self-attention K/V, or None.
+            past_keys, past_values: ``[B, C, D]`` cached self-attention K/V, heads-major
+                ``[B, H, C, D/H]``, or None.
         Returns:
-            (``[B, N, D]`` output, new rows' self keys ``[B, N, D]``, values ``[B, N, D]``).
+            (``[B, N, D]`` output, new rows' self keys and values in the cache's layout).
         """
         h = self.self_attn_layer_norm(x)
         keys, values, k, v = _self_attention_kv(self.self_attn, h, past_keys, past_values)

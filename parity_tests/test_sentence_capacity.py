@@ -109,7 +109,7 @@ def test_presets_derive_every_window_from_the_sentence_capacity():
         assert specs[("mt_decoder", "self_keys")][2] == tokens
         assert specs[("unit_decoder", "t2u_keys")][2] == tokens
         assert specs[("unit_decoder", "cross_keys")][2] == tokens
-        assert specs[("unit_decoder", "unit_keys")][2] == cfg.unit.upsample * tokens
+        assert specs[("unit_decoder", "unit_keys_0")][2] == cfg.unit.upsample * tokens
 
 
 # ---- the runtime ends the sentence at the capacity ------------------------------------------

@@ -173,8 +173,8 @@ def test_bad_input_is_refused():
     state = model.initial_state(2)
     with pytest.raises(ValueError, match=r"text_state shape expected \[\*, 32\]"):
         model.step(torch.randn(2, 1, D), state)
-    with pytest.raises(ValueError, match=r"unit_keys shape expected \[2, 2, 100, 32\]"):
-        model.step(torch.randn(2, D), dict(state, unit_keys=torch.zeros(2, 2, 99, D)))
+    with pytest.raises(ValueError, match=r"unit_keys_1 shape expected \[2, 2, 100, 16\]"):
+        model.step(torch.randn(2, D), dict(state, unit_keys_1=torch.zeros(2, 2, 99, D // 2)))
     with pytest.raises(ValueError, match="text_positions dtype expected torch.int32"):
         model.step(torch.randn(2, D), dict(state, text_positions=torch.zeros(2)))
     with pytest.raises(ValueError, match=r"text_states shape expected \[\*, \*, 32\]"):

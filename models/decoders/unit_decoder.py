@@ -46,7 +46,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from echostream.contract import StageContract, state_contract, unit_decoder_states
+from echostream.contract import (
+    StageContract,
+    state_contract,
+    unit_decoder_states,
+    unit_self_state_names,
+)
 from echostream.models.attention import constant_index, fifo_append, right_aligned_valid
 from echostream.config import UNIT_CROSS_ATTENTION
 from echostream.models.decoders.transformer_decoder import SinusoidalPositions
@@ -155,7 +160,7 @@ class CTCTransformerUnitDecoder(nn.Module):
         zero = torch.zeros(1, dtype=torch.int64)
         self.register_buffer("position", positions(zero, zero)[0], persistent=False)  # [D]
         self.contract: StageContract = state_contract("unit_decoder", unit_decoder_states(
-            t2u_layers, layers, text_capacity, upsample, d_model))
+            t2u_layers, layers, text_capacity, upsample, d_model, heads))
 
     @classmethod
     def from_config(cls, cfg) -> "CTCTransformerUnitDecoder":
@@ -240,8 +245,9 @@ class CTCTransformerUnitDecoder(nn.Module):
             text_state: ``[B, D]`` one D_text vector.
             state: ``t2u_keys``/``t2u_values`` ``[B, t2u_layers, Ct, D]``, ``cross_keys``/
                 ``cross_values`` ``[B, layers, Ct, D]`` (previous T2U outputs projected by each
-                unit layer's cross-attention), ``unit_keys``/``unit_values``
-                ``[B, layers, U*Ct, D]``, ``text_positions`` ``[B]`` int32 (text states fed so far).
+                unit layer's cross-attention), ``unit_keys_<i>``/``unit_values_<i>``
+                ``[B, H, U*Ct, D/H]`` per unit layer ``i`` (heads-major), ``text_positions`` ``[B]``
+                int32 (text states fed so far).
         Returns:
             (fp32 log-probs ``[B, U, K]``, next state).
         """
@@ -257,18 +263,19 @@ class CTCTransformerUnitDecoder(nn.Module):
         cross_allowed = window_allowed(count, self.text_capacity, 1)  # [B, 1, Ct + 1]
         self_allowed = block_step_allowed(count * self.upsample, self.unit_capacity, self.upsample)
         x = self.dropout(t2u.expand(B, self.upsample, self.d_model) + self.position)  # [B, U, D]
-        caches: dict[str, list[Tensor]] = {k: [] for k in
-                                           ("cross_keys", "cross_values", "unit_keys", "unit_values")}
+        cross: dict[str, list[Tensor]] = {"cross_keys": [], "cross_values": []}
+        next_state: dict[str, Tensor] = {}
         for i, layer in enumerate(self.layers):
             past_ck, past_cv = state["cross_keys"][:, i], state["cross_values"][:, i]
             ck, cv = layer.encoder_attn.project_kv(t2u)  # [B, 1, D]
-            past_k, past_v = state["unit_keys"][:, i], state["unit_values"][:, i]
+            keys_name, values_name = unit_self_state_names(i)
+            past_k, past_v = state[keys_name], state[values_name]  # [B, H, U*Ct, D/H]
             x, k, v = layer(x, self_allowed, torch.cat([past_ck, ck], 1),
                             torch.cat([past_cv, cv], 1), cross_allowed, past_k, past_v)
-            caches["cross_keys"].append(fifo_append(past_ck, ck))
-            caches["cross_values"].append(fifo_append(past_cv, cv))
-            caches["unit_keys"].append(fifo_append(past_k, k))
-            caches["unit_values"].append(fifo_append(past_v, v))
-        next_state = {name: torch.stack(c, dim=1) for name, c in caches.items()}
+            cross["cross_keys"].append(fifo_append(past_ck, ck))
+            cross["cross_values"].append(fifo_append(past_cv, cv))
+            next_state[keys_name] = fifo_append(past_k, k, dim=2)
+            next_state[values_name] = fifo_append(past_v, v, dim=2)
+        next_state.update({name: torch.stack(c, dim=1) for name, c in cross.items()})
         next_state.update(t2u_keys=t2u_keys, t2u_values=t2u_values, text_positions=count + 1)
         return self._output(x), next_state
