@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from echostream.errors import BackendUnavailable, EchoStreamError
+from echostream.runtime.triton_repo import DEFAULT_QUEUE_DELAY_US
 
 PARTS = ("position", "pipeline", "streams", "algorithms", "tuning", "backends", "memory",
          "tensorrt", "windows", "triton")
@@ -93,6 +94,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="seconds the StreamSpeech baseline curve may take (default 240; 10 quick)")
     parser.add_argument("--triton-streams", nargs="+", type=int, default=None, metavar="N",
                         help="concurrent streams of the triton part (default 1 2 4 8 16; quick: 1 2 8)")
+    parser.add_argument("--triton-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                        metavar="US", help="the triton part's batcher queue delay (default "
+                        f"{DEFAULT_QUEUE_DELAY_US}; longer fills batches of cheap chunks)")
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], metavar="PART",
                         help=f"parts to leave out: {', '.join(PARTS)}")
     parser.add_argument("--render", type=Path, metavar="BENCH.json",
@@ -151,7 +155,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "streams": lambda: _streams_part(artifacts_dir, settings, bench, out, args.quick, log),
         "algorithms": lambda: _algorithms_part(settings, out, args.audio, args.quick, log),
         "triton": lambda: _triton_part(artifacts_dir, settings, out, args.quick, log,
-                                      args.triton_streams),
+                                      args.triton_streams, args.triton_queue_delay_us),
     }
     keys = {"position": "cost_vs_position"}
     for part in PARTS:
@@ -499,7 +503,8 @@ def _streams_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any]
 
 
 def _triton_part(artifacts_dir: Path, settings: Settings, out: Path, quick: bool,
-                 log, counts: list[int] | None = None) -> dict[str, Any]:
+                 log, counts: list[int] | None = None,
+                 queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> dict[str, Any]:
     from echostream.bench.streams import speech_pool
     from echostream.bench.triton import available, triton_streams
 
@@ -511,7 +516,10 @@ def _triton_part(artifacts_dir: Path, settings: Settings, out: Path, quick: bool
     counts = counts or (QUICK_STREAM_COUNTS if quick else FULL_TRITON_COUNTS)
     if min(counts) < 1:
         raise EchoStreamError(f"--triton-streams expected counts >= 1, got {counts}")
-    return triton_streams(artifacts_dir, pool, counts, settings.threads, settings.segment_ms, log)
+    if queue_delay_us < 0:
+        raise EchoStreamError(f"--triton-queue-delay-us expected >= 0, got {queue_delay_us}")
+    return triton_streams(artifacts_dir, pool, counts, settings.threads, settings.segment_ms, log,
+                          queue_delay_us)
 
 
 def _algorithms_part(settings: Settings, out: Path, audio: Path | None, quick: bool,
@@ -591,6 +599,8 @@ def _command_line(args: argparse.Namespace, artifacts_dir: Path) -> str:
         parts.append(f"--segment-ms {args.segment_ms}")
     if getattr(args, "triton_streams", None):
         parts.append("--triton-streams " + " ".join(str(n) for n in args.triton_streams))
+    if getattr(args, "triton_queue_delay_us", DEFAULT_QUEUE_DELAY_US) != DEFAULT_QUEUE_DELAY_US:
+        parts.append(f"--triton-queue-delay-us {args.triton_queue_delay_us}")
     if args.skip:
         parts.append("--skip " + " ".join(args.skip))
     return " ".join(p for p in parts if p)

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from echostream.errors import EchoStreamError
+from echostream.runtime.triton_repo import DEFAULT_QUEUE_DELAY_US
 
 
 def available() -> str | None:
@@ -47,7 +48,8 @@ def available() -> str | None:
 
 
 def triton_streams(artifacts_dir: Path, pool: Sequence[np.ndarray], counts: Sequence[int],
-                   threads: int, segment_ms: int, log, max_queue_delay_us: int = 2000) -> dict[str, Any]:
+                   threads: int, segment_ms: int, log,
+                   max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> dict[str, Any]:
     """In-process vs Triton rows for each stream count (see the module doc)."""
     from echostream.bench.streams import run_streams
     from echostream.runtime.endpoint import EndpointConfig
