@@ -301,7 +301,8 @@ def _pipeline_section(bench: dict[str, Any]) -> list[str]:
              f"{pipe['translation_tokens']} target tokens, "
              f"{pipe['speech_samples'] / 16000:.1f} s of speech out. Sessions use the runtime's "
              "defaults (`runtime/onnxruntime_backend.py`: ORT_ENABLE_ALL, one intra-op pool per "
-             "stage, thread spinning and the CPU arena off); see the settings table for alternatives.", "",
+             "stage, thread spinning, the CPU arena and the memory pattern off, glibc keeping "
+             "freed heap); see the settings table for alternatives.", "",
              f"fp32 GEMM peak at {peak['threads']} threads ({peak['size']}^3 matmul): "
              + ", ".join(f"{k} {e['gflops']:.1f}" for k, e in peak["engines"].items())
              + " GFLOP/s at the start"
