@@ -212,6 +212,13 @@ def encoder_hop_frames(cfg: Config) -> int:
     return CONFORMER_FRAME_FBANK * encoder_step_frames(cfg)
 
 
+def fbank_window_shift(sample_rate: int, frame_length_ms: float,
+                       frame_shift_ms: float) -> tuple[int, int]:
+    """(window, shift) of the fbank in samples (truncated, as Kaldi)."""
+    return (int(int(sample_rate) * float(frame_length_ms) / 1000.0),
+            int(int(sample_rate) * float(frame_shift_ms) / 1000.0))
+
+
 def fbank_frame_count(num_samples: int, window: int, shift: int) -> int:
     """Fbank frames of ``num_samples`` samples with snip_edges (whole windows only):
     ``1 + (N - window) // shift``, 0 if ``N < window`` (window and shift in samples)."""

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from echostream.contract import fbank_frame_count
+from echostream.contract import fbank_frame_count, fbank_window_shift
 
 INT16_SCALE = 32768.0  # StreamSpeech: waveform * 2**15 before fbank
 PREEMPHASIS = 0.97
@@ -35,15 +35,11 @@ def frame_sizes(feature_cfg: Mapping[str, Any]) -> tuple[int, int, int]:
     ``feature_cfg`` keys: ``sample_rate``, ``frame_length_ms``, ``frame_shift_ms`` (as
     ``FeatureConfig``). The FFT size is the window rounded up to a power of two.
     """
-    sr = int(feature_cfg["sample_rate"])
-    window = int(sr * feature_cfg["frame_length_ms"] / 1000.0)
-    shift = int(sr * feature_cfg["frame_shift_ms"] / 1000.0)
+    window, shift = fbank_window_shift(feature_cfg["sample_rate"], feature_cfg["frame_length_ms"],
+                                       feature_cfg["frame_shift_ms"])
     if window <= 0 or shift <= 0:
         raise ValueError(f"frame length/shift must be > 0 samples, got {window}/{shift}")
     return window, shift, 1 << (window - 1).bit_length()
-
-
-num_frames = fbank_frame_count  # frames with snip_edges (echostream.contract)
 
 
 def povey_window(window: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -94,13 +90,13 @@ def kaldi_fbank(samples: torch.Tensor, feature_cfg: Mapping[str, Any],
             ``frame_length_ms``, ``frame_shift_ms``).
         scale: multiplied in before anything else (StreamSpeech's int16 range).
     Returns:
-        [T, num_mel_bins] float32, T = ``num_frames(N, window, shift)`` (may be 0).
+        [T, num_mel_bins] float32, T = ``fbank_frame_count(N, window, shift)`` (may be 0).
     """
     if samples.dim() != 1:
         raise ValueError(f"expected mono samples [N], got shape {tuple(samples.shape)}")
     window, shift, fft_size = frame_sizes(feature_cfg)
     n_mels = int(feature_cfg["num_mel_bins"])
-    t = num_frames(samples.shape[0], window, shift)
+    t = fbank_frame_count(samples.shape[0], window, shift)
     if t == 0:
         return samples.new_zeros((0, n_mels), dtype=torch.float32)
     x = samples.to(torch.float32) * scale

@@ -261,13 +261,14 @@ def test_sessions_reuse_freed_memory_instead_of_page_faulting_it_in(tiny_artifac
     import platform
 
     import echostream.runtime.onnxruntime_backend as backend
+    from echostream.runtime.heap import keep_freed_heap
 
     stage = backend.load_stage(tiny_artifacts, "unit_decoder", threads=1)
     assert stage.session.get_session_options().enable_mem_pattern is False
     assert stage.session.get_session_options().enable_cpu_mem_arena is False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip(f"mallopt is glibc's; this is {platform.system()} {platform.libc_ver()}")
-    assert backend.keep_freed_heap() is True
+    assert keep_freed_heap() is True
 
 
 def test_algorithms_compare_the_agent_exact_and_incremental(streamspeech_tiny_artifacts_dir):

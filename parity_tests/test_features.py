@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from echostream.config import get_preset
+from echostream.contract import fbank_frame_count
 from echostream.models.features import (
     apply_global_cmvn,
     frame_sizes,
     kaldi_fbank,
     mel_banks,
-    num_frames,
 )
 from echostream.runtime.audio import StreamingResampler, read_audio
 from echostream.runtime.features import FeatureStream
@@ -123,7 +123,7 @@ def test_frame_count_snip_edges():
         before = fs.num_frames
         fs.input_finished()
         expected = 0 if n < 400 else 1 + (n - 400) // 160
-        assert fs.num_frames == before == num_frames(n, window, shift) == expected
+        assert fs.num_frames == before == fbank_frame_count(n, window, shift) == expected
         assert kaldi_fbank(torch.zeros(n), CFG).shape == (fs.num_frames, 80)
 
 
@@ -153,7 +153,7 @@ def test_long_stream_bounded_by_discard():
         fs.accept_waveform(block)
         fs.discard_before(max(fs.first_frame, fs.num_frames - 200))
         assert fs.num_frames - fs.first_frame <= 200
-    assert fs.num_frames == num_frames(120 * 16000, 400, 160)
+    assert fs.num_frames == fbank_frame_count(120 * 16000, 400, 160)
     assert fs.frames(fs.first_frame, fs.num_frames).shape == (200, 80)
 
 

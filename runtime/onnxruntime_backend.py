@@ -7,10 +7,7 @@ shape or dtype fails with a message naming the tensor instead of an ORT stack tr
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,6 +17,7 @@ import onnxruntime as ort
 from echostream.contract import StageContract
 from echostream.errors import ArtifactError, BackendUnavailable
 from echostream.runtime.artifacts import Artifacts, check_graph_io
+from echostream.runtime.heap import keep_freed_heap
 from echostream.runtime.stage import Stage, check_host_feed, zero_host_state
 
 DEVICES = ("cpu", "cuda")
@@ -40,36 +38,6 @@ def physical_cores() -> int:
     except ImportError:
         pass
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_KEPT_HEAP_BYTES = 1 << 30  # freed heap memory kept for reuse instead of returned to the kernel
-_MMAP_FROM_BYTES = 32 << 20  # glibc's largest threshold: blocks below this come from the heap
-
-
-@functools.cache
-def keep_freed_heap() -> bool:
-    """Let glibc reuse freed heap memory instead of returning it to the kernel after every step.
-
-    With arenas off (see :func:`session_options`) every step allocates its intermediates and outputs
-    afresh. By default glibc hands a freed block back once the heap's free top exceeds a
-    (dynamically raised) threshold, so the next step page-faults the same megabytes in again:
-    measured on the full unit decoder (16 state tensors of 6.5 MiB rewritten per call), 116 ->
-    34 ms per call, for about 80 MiB of heap kept. Applied once per process, on glibc only.
-
-    Returns:
-        whether the setting was applied.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc without mallopt
-        return False
-    return bool(mallopt(_M_TRIM_THRESHOLD, _KEPT_HEAP_BYTES)) and \
-        bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM_BYTES))
 
 
 def session_options(threads: int | None = None, deterministic: bool = False,
@@ -94,7 +62,7 @@ def session_options(threads: int | None = None, deterministic: bool = False,
     opts.enable_cpu_mem_arena = False  # arenas keep peak-sized blocks per session: 7 sessions
     # The memory pattern is one block for all of a run's intermediates, malloc'ed per run without an
     # arena: above glibc's mmap threshold, so every run page-faulted it in afresh (unit decoder
-    # 116 -> 34 ms per call without it, with keep_freed_heap; no stage got slower).
+    # 116 -> 34 ms per call without it, with heap.keep_freed_heap; no stage got slower).
     opts.enable_mem_pattern = False
     opts.log_severity_level = 3  # errors only: ORT's warnings are not the user's problem
     return opts

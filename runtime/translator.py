@@ -57,9 +57,9 @@ import numpy as np
 from echostream.contract import (EXACT_STAGE_NAMES, STAGE_NAMES, as_config,
                                  conformer_block_chunks, encoder_has_valid_input, encoder_hop_frames,
                                  encoder_kind, encoder_step_frames, encoder_window_frames,
-                                 fbank_frame_count, subsampled_frame_count,
-                                 encoder_window_lead, sentence_source_frames,
-                                 sentence_target_tokens)
+                                 encoder_window_lead, fbank_frame_count, fbank_window_shift,
+                                 sentence_source_frames, sentence_target_tokens,
+                                 subsampled_frame_count)
 from echostream.errors import ArtifactError, EchoStreamError
 from echostream.runtime.ctc import text_ctc, unit_ctc
 from echostream.runtime.events import (AsrText, EndOfSentence, EndOfStream, Event, SpeechChunk,
@@ -412,7 +412,8 @@ class Translator:
         Emformer has no partial segment: 0)."""
         if not self.valid_input:
             return 0
-        return max(0, subsampled_frame_count(end - s.frame_base) - s.encoder_steps * self.segment_length)
+        done = s.encoder_steps * self.segment_length
+        return max(0, subsampled_frame_count(end - s.frame_base) - done)
 
     def _end_of_stream(self, stream: Stream, source_ms: float) -> EndOfStream:
         said = stream.transcript
@@ -662,8 +663,8 @@ def check_exact(cfg, segment_ms: int) -> None:
 
 def fbank_frames(samples: int, features) -> int:
     """Fbank frames (snip_edges) of ``samples`` samples: whole windows only."""
-    return fbank_frame_count(samples, int(features.sample_rate * features.frame_length_ms / 1000),
-                             int(features.sample_rate * features.frame_shift_ms / 1000))
+    return fbank_frame_count(samples, *fbank_window_shift(
+        features.sample_rate, features.frame_length_ms, features.frame_shift_ms))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -682,8 +683,6 @@ def _vocabulary(artifacts: Any, which: str) -> Vocabulary:
                             "translator needs both to emit text and to find word starts")
     return Vocabulary.from_symbols(symbols, placeholder=artifacts.vocab_placeholder,
                                    name=f"{artifacts.root} {which} vocabulary")
-
-
 
 
 def steps_per_segment(config: Mapping[str, Any], segment_ms: int) -> int:

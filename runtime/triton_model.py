@@ -40,6 +40,7 @@ import numpy as np
 from echostream.errors import ArtifactError, EchoStreamError
 from echostream.runtime import triton_protocol as wire
 from echostream.runtime.events import Event
+from echostream.runtime.heap import trim_heap
 
 REAP_GRACE_S = 0.25  # beyond the batcher's idle limit: Triton releases its slot first
 OUTCOMES = ("started", "ended", "failed", "reclaimed")
@@ -209,18 +210,6 @@ class SequenceHost:
             if idle:
                 self._changed()
             return idle
-
-
-def trim_heap() -> bool:
-    """Return the C heap's free pages to the system (glibc ``malloc_trim``; False elsewhere).
-    Freed stream states otherwise stay in the process's RSS, reused but never given back, so an
-    operator could not tell reclaimed sequences from leaked ones."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 # ---- loading from the model config ---------------------------------------------------------------
