@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from echostream.bench.streams import TRAINED_TOKENS_PER_S
 from echostream.errors import BackendUnavailable, EchoStreamError
 from echostream.runtime.triton_repo import DEFAULT_QUEUE_DELAY_US
 
@@ -68,6 +69,9 @@ class Settings:
     gemm_size: int
     segment_ms: int
     backends: list[str]
+    # The streams part's sentence length in target tokens per source second (0: the policy's
+    # final_max_len); see bench/streams.py TRAINED_TOKENS_PER_S.
+    tokens_per_s: float = 0.0
 
 
 FULL_POSITIONS_S = [5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
@@ -97,6 +101,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
                         metavar="US", help="the triton part's batcher queue delay (default "
                         f"{DEFAULT_QUEUE_DELAY_US}; longer fills batches of cheap chunks)")
+    parser.add_argument("--tokens-per-s", type=float, default=TRAINED_TOKENS_PER_S, metavar="R",
+                        help="the streams part ends each utterance's translation at R target "
+                             "tokens per source second, as a trained model does (default "
+                             f"{TRAINED_TOKENS_PER_S}: the real references'; random weights never "
+                             "emit </s>, so 0 = decode to the policy's final_max_len)")
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], metavar="PART",
                         help=f"parts to leave out: {', '.join(PARTS)}")
     parser.add_argument("--render", type=Path, metavar="BENCH.json",
@@ -201,6 +210,8 @@ def render_saved(path: Path, out: Path) -> dict[str, Any]:
 def _settings(args: argparse.Namespace, cores: int) -> Settings:
     quick = bool(args.quick)
     threads = args.threads or cores
+    if args.tokens_per_s < 0:
+        raise EchoStreamError(f"--tokens-per-s expected >= 0, got {args.tokens_per_s}")
     for name in ("threads", "repeats", "warmup", "pipeline_repeats"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
@@ -218,6 +229,7 @@ def _settings(args: argparse.Namespace, cores: int) -> Settings:
         gemm_size=512 if quick else 2048,
         segment_ms=args.segment_ms,
         backends=["onnxruntime", "torch"],
+        tokens_per_s=args.tokens_per_s,
     )
 
 
@@ -475,15 +487,17 @@ def _tensorrt_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any
 
 def _streams_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any], out: Path,
                   quick: bool, log) -> dict[str, Any]:
-    from echostream.bench.streams import (added_rss_per_stream, memory_per_stream, run_streams,
-                                          speech_pool, state_bytes_per_stream)
+    from echostream.bench.streams import (added_rss_per_stream, held_state_per_stream,
+                                          memory_per_stream, run_streams, speech_pool,
+                                          state_bytes_per_stream, trained_length_policy)
     from echostream.runtime.artifacts import load_artifacts
     from echostream.runtime.translator import Translator
 
     counts = QUICK_STREAM_COUNTS if quick else FULL_STREAM_COUNTS
     pool = speech_pool(out / "speakers", 4 if quick else 8, quick)
     artifacts = load_artifacts(artifacts_dir, verify_hashes=False)
-    translator = Translator.from_loaded(artifacts, "onnxruntime", settings.segment_ms,
+    policy = trained_length_policy(pool, settings.tokens_per_s)
+    translator = Translator.from_loaded(artifacts, "onnxruntime", settings.segment_ms, policy,
                                         threads=settings.threads)
     flops = {s: g["flops"] for s, g in bench["graphs"].items()}
     peak = bench["gemm_peak"]["peak_gflops"]
@@ -497,9 +511,12 @@ def _streams_part(artifacts_dir: Path, settings: Settings, bench: dict[str, Any]
     memory = memory_per_stream(artifacts_dir, mem_counts, settings.threads,
                                seconds=2.0 if quick else 6.0)
     return {"counts": counts, "runs": rows, "memory": memory,
-            "state_bytes_per_stream": state_bytes_per_stream(artifacts),
+            "state_bytes_per_stream": held_state_per_stream(memory),
+            "state_bytes_bound_per_stream": state_bytes_per_stream(artifacts),
             "added_rss_per_stream_bytes": added_rss_per_stream(memory),
-            "speakers": len(pool), "stagger_segments": 1, "threads": settings.threads}
+            "speakers": len(pool), "stagger_segments": 1, "threads": settings.threads,
+            "final_max_len": translator.policy_config.final_max_len,
+            "tokens_per_s": settings.tokens_per_s}
 
 
 def _triton_part(artifacts_dir: Path, settings: Settings, out: Path, quick: bool,

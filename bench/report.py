@@ -457,7 +457,8 @@ def _streams_section(bench: dict[str, Any]) -> list[str]:
     lines = ["## 7. Many streams: throughput and latency vs concurrent speakers", "",
              f"{streams['speakers']} different espeak-ng speakers, staggered by "
              f"{streams['stagger_segments']} segment, one `decode_streams` per segment of audio "
-             "(ONNX Runtime). Latency: ticks arrive in real time, a busy box queues them.", "",
+             "(ONNX Runtime). Latency: ticks arrive in real time, a busy box queues them. "
+             + _sentence_length(streams), "",
              "| streams | audio s / wall s | x 1 stream | segment compute p50 / p95 (ms) | "
              "AL_CA median (ms) | GFLOP/s (wall) | % of peak | outside stages |",
              "|---|---|---|---|---|---|---|---|"]
@@ -471,9 +472,29 @@ def _streams_section(bench: dict[str, Any]) -> list[str]:
                      f"{100 * r['outside_stages_share']:.1f} % |")
     lines += ["", "Peak RSS (fresh process, N streams of noise decoded together): "
               + ", ".join(f"{m['streams']} -> {_mib(m['peak_rss_bytes'])}" for m in streams["memory"])
-              + f"; model state per stream {_mib(streams['state_bytes_per_stream'])}.", ""]
+              + f"; model state held per stream {_state_held(streams)}.", ""]
     lines += _sizing(streams)
     return lines
+
+
+def _sentence_length(streams: dict[str, Any]) -> str:
+    cap, rate = streams.get("final_max_len"), streams.get("tokens_per_s")
+    if cap is None:
+        return ""
+    if not rate:
+        return (f"Each translation is decoded to the policy's `final_max_len` of {cap} target "
+                "tokens (`--tokens-per-s 0`; seeded weights never emit `</s>`).")
+    return (f"Each translation ends at {cap} target tokens, what a trained model writes for the "
+            f"longest utterance at {rate:g} tokens per source second (`--tokens-per-s`; seeded "
+            "weights never emit `</s>`, and would decode every utterance to 100 tokens).")
+
+
+def _state_held(streams: dict[str, Any]) -> str:
+    held, bound = streams.get("state_bytes_per_stream"), streams.get("state_bytes_bound_per_stream")
+    if held is None:
+        return "not measured"
+    return _mib(held) + (f" (at most {_mib(bound)}: a sentence on the full unit-decoder graph)"
+                         if bound else "")
 
 
 def _sizing(streams: dict[str, Any]) -> list[str]:

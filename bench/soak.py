@@ -74,6 +74,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from echostream.contract import UNIT_SHORT_STAGE
+
 VERDICTS = ("state", "rss", "time", "endpoints", "capacity")
 WARMUP_FRACTION, WARMUP_MAX_S = 0.10, 300.0
 PAUSE_S = (1.8, 2.6)  # the endpoint rule needs 1 s of blank after text, plus segment look-ahead
@@ -202,9 +204,26 @@ def host_states(stream: Any) -> dict[str, dict[str, np.ndarray]]:
 
 
 def state_signature(stream: Any) -> dict[str, list]:
-    """``"stage.tensor" -> [dtype, *shape]`` of every state tensor (what must never change)."""
-    return {f"{stage}.{name}": [str(a.dtype), *a.shape]
+    """``"stage.tensor" -> [dtype, *shape]`` of every state tensor (what must never change).
+
+    A sentence's unit-decoder caches start as the short graph's and grow once into the full
+    graph's (``unit_decoder_short``): both fixed, so a short state signs as the full one."""
+    shapes = _short_unit_as_full(stream)
+    return {f"{stage}.{name}": [str(a.dtype), *shapes.get((stage, name), a.shape)]
             for stage, arrays in host_states(stream).items() for name, a in arrays.items()}
+
+
+def _short_unit_as_full(stream: Any) -> dict[tuple[str, str], tuple[int, ...]]:
+    """The full graph's shapes for the unit-decoder state, when it is exactly the short graph's."""
+    stages = stream.translator.stages
+    if UNIT_SHORT_STAGE not in stages:
+        return {}
+    state = stages[UNIT_SHORT_STAGE].state_to_host(stream.states["unit_decoder"])
+    short = {s.name: s.concrete_shape(1) for s in stages[UNIT_SHORT_STAGE].contract.states}
+    if any(tuple(state[name].shape) != shape for name, shape in short.items()):
+        return {}
+    return {("unit_decoder", s.name): s.concrete_shape(1)
+            for s in stages["unit_decoder"].contract.states}
 
 
 def buffered_frames(stream: Any) -> int:

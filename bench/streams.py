@@ -23,6 +23,7 @@ Measured per N:
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from echostream.contract import UNIT_SHORT_STAGE
+
+# Target tokens per source second of a trained model's translations: the CVSS-C fr-en references
+# of ../shared/streamspeech/example in the released target SentencePiece model (15 tokens for
+# 4.35 s, 19 for 3.99 s). Seeded weights never emit </s>, so without a cap every utterance's
+# final decode runs to the policy's final_max_len (100 tokens for ~5 s of speech, 5x a trained
+# model's), and the unit decoder's calls with it.
+TRAINED_TOKENS_PER_S = 4.1
 
 SENTENCES = (
     "The history of simultaneous interpretation begins in the nineteen twenties.",
@@ -71,6 +81,17 @@ def speech_pool(out: Path, count: int, quick: bool) -> list[np.ndarray]:
         resampler = StreamingResampler(rate, 16000)
         pool.append(np.concatenate([resampler.process(samples), resampler.flush()]))
     return pool
+
+
+def trained_length_policy(pool: Sequence[np.ndarray], tokens_per_s: float):
+    """A policy whose final decode stops where a trained model's translation of the pool's
+    longest utterance would (``tokens_per_s`` x its seconds, prefix included); None for 0."""
+    from echostream.runtime.policy import PolicyConfig
+
+    if not tokens_per_s:
+        return None
+    longest_s = max(len(a) for a in pool) / 16000.0
+    return PolicyConfig(final_max_len=max(1, math.ceil(tokens_per_s * longest_s)))
 
 
 # ---- measuring stage calls -------------------------------------------------------------------------
@@ -179,6 +200,7 @@ _CHILD = r"""
 import json, sys
 import numpy as np
 import psutil
+from echostream.bench.soak import host_states
 from echostream.runtime.translator import Translator
 artifacts, n, threads, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 translator = Translator.from_artifacts(artifacts, threads=threads)
@@ -186,16 +208,20 @@ loaded = psutil.Process().memory_info().rss
 rng = np.random.default_rng(0)
 streams = [translator.create_stream() for _ in range(n)]
 seg = translator.segment_ms * 16
+held = 0
 for k in range(int(seconds * 16000) // seg):
     for s in streams:
         s.accept_waveform(16000, (0.1 * rng.standard_normal(seg)).astype(np.float32))
     translator.decode_streams(streams)
+    held = max(held, sum(a.nbytes for s in streams for arrays in host_states(s).values()
+                         for a in arrays.values()))
 peak = 0
 with open("/proc/self/status") as f:
     for line in f:
         if line.startswith("VmHWM:"):
             peak = int(line.split()[1]) * 1024
-print(json.dumps({"streams": n, "loaded_rss_bytes": loaded, "peak_rss_bytes": peak}))
+print(json.dumps({"streams": n, "loaded_rss_bytes": loaded, "peak_rss_bytes": peak,
+                  "state_bytes_per_stream": held // n}))
 """
 
 
@@ -214,12 +240,19 @@ def memory_per_stream(artifacts: str | Path, counts: Sequence[int], threads: int
 
 
 def state_bytes_per_stream(artifacts) -> int:
-    """Bytes of one stream's model states (every stateful stage's contract, batch 1)."""
-    total = 0
-    for stage in artifacts.stages:
-        for spec in artifacts.contract(stage).states:
-            total += int(np.prod(spec.concrete_shape(1))) * np.dtype(spec.dtype).itemsize
-    return total
+    """The most bytes of model state one stream can hold (every stateful stage's contract, batch
+    1; of the two unit-decoder graphs, the full one: a sentence holds one of them at a time)."""
+    from .windows import state_bytes
+
+    return sum(state_bytes(artifacts.contract(s)) for s in artifacts.stages
+               if s != UNIT_SHORT_STAGE)
+
+
+def held_state_per_stream(memory: Sequence[Mapping[str, Any]]) -> int | None:
+    """The state a stream really held (the memory run with the most streams: the most state its
+    streams held at once, per stream), the bytes that RSS per added stream is compared with."""
+    rows = [m for m in memory if m.get("state_bytes_per_stream")]
+    return max(rows, key=lambda m: m["streams"])["state_bytes_per_stream"] if rows else None
 
 
 def added_rss_per_stream(memory: Sequence[Mapping[str, Any]]) -> float | None:

@@ -77,10 +77,22 @@ class SentenceConfig:
     cross-attention ``max_target_tokens`` text states, the unit self-attention
     ``upsample x max_target_tokens`` positions. At the capacity the runtime ends the sentence
     (an ``EndOfSentence`` event says so); no window ever slides inside a sentence.
+
+    ``short_target_tokens``: the text states of the unit decoder's short graph
+    (``unit_decoder_short``, the same weights with every text window that long). A sentence starts
+    on it and moves to the full graph when it outgrows it, its caches padded on the left, so a short
+    sentence pays for the attention and the cache copies of its own length, not of the capacity;
+    0 (or >= ``max_target_tokens``) exports no short graph.
     """
 
     max_source_frames: int = 750  # 30 s of 40 ms encoder frames
     max_target_tokens: int = 128
+    short_target_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.short_target_tokens < 0:
+            raise ValueError(f"sentence.short_target_tokens expected >= 0, "
+                             f"got {self.short_target_tokens}")
 
 
 @dataclass
@@ -256,7 +268,7 @@ def tiny_preset() -> EchoStreamConfig:
         ),
         ctc=CTCConfig(src_vocab_size=64, tgt_vocab_size=64, st_layers=2, st_num_heads=2,
                       st_ffn_dim=64),
-        sentence=SentenceConfig(max_source_frames=256, max_target_tokens=32),
+        sentence=SentenceConfig(max_source_frames=256, max_target_tokens=32, short_target_tokens=8),
         mt=MTDecoderConfig(num_layers=2, d_model=32, num_heads=2, ffn_dim=64),
         unit=UnitDecoderConfig(t2u_layers=1, num_layers=2, d_model=32, num_heads=2, ffn_dim=64),
         vocoder=VocoderConfig(embedding_dim=16, upsample_initial_channel=32,
@@ -279,7 +291,7 @@ def streamspeech_tiny_preset() -> EchoStreamConfig:
             left_context=0, memory_size=0, depthwise_kernel=7, chunk_size=8,
         ),
         ctc=CTCConfig(st_layers=0),
-        sentence=SentenceConfig(max_source_frames=256, max_target_tokens=32),
+        sentence=dataclasses.replace(tiny.sentence),
         mt=dataclasses.replace(tiny.mt),
         unit=UnitDecoderConfig(t2u_layers=2, num_layers=2, d_model=32, num_heads=2, ffn_dim=64),
         vocoder=dataclasses.replace(tiny.vocoder),

@@ -42,7 +42,11 @@ STAGE_NAMES = (
 )
 # Graphs only the ``exact`` fidelity mode runs (StreamSpeech's agent re-decodes the sentence).
 EXACT_STAGE_NAMES = ("unit_sentence",)
-ALL_STAGE_NAMES = STAGE_NAMES + EXACT_STAGE_NAMES
+# The unit decoder over ``short_target_tokens`` text states: the stage a sentence starts on when the
+# artifacts have it (``unit_decoder`` takes over when the sentence outgrows it).
+UNIT_SHORT_STAGE = "unit_decoder_short"
+OPTIONAL_STAGE_NAMES = (UNIT_SHORT_STAGE,)
+ALL_STAGE_NAMES = STAGE_NAMES + EXACT_STAGE_NAMES + OPTIONAL_STAGE_NAMES
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,14 @@ def sentence_target_tokens(cfg: Config) -> int:
     return int(as_config(cfg).sentence.max_target_tokens)
 
 
+def short_target_tokens(cfg: Config) -> int:
+    """Text states of the short unit-decoder graph; 0 when the config exports none (unset, or not
+    shorter than the sentence)."""
+    s = as_config(cfg).sentence
+    short = int(s.short_target_tokens)
+    return short if 0 < short < int(s.max_target_tokens) else 0
+
+
 def unit_self_capacity(cfg: Config) -> int:
     """Upsampled positions the unit self-attention caches: every row of the previous
     ``max_target_tokens`` text states."""
@@ -451,17 +463,34 @@ def mt_decoder_contract(cfg: Config) -> StageContract:
     )
 
 
-def unit_decoder_contract(cfg: Config) -> StageContract:
+def unit_decoder_contract(cfg: Config, stage: str = "unit_decoder") -> StageContract:
     """One committed text state in -> `upsample` unit-CTC frames (log-probs) out."""
     c = as_config(cfg)
     u = c.unit
+    text = short_target_tokens(c) if stage == UNIT_SHORT_STAGE else sentence_target_tokens(c)
+    if not text:
+        raise ValueError(f"{stage}: the config exports no short unit-decoder graph "
+                         f"(sentence.short_target_tokens={c.sentence.short_target_tokens}, "
+                         f"max_target_tokens={c.sentence.max_target_tokens})")
     return StageContract(
-        "unit_decoder",
+        stage,
         data_inputs=(TensorSpec("x", (BATCH, c.mt.d_model)),),
         data_outputs=(TensorSpec("y", (BATCH, u.upsample, u.num_classes)),),
-        states=unit_decoder_states(u.t2u_layers, u.num_layers, sentence_target_tokens(c),
-                                   u.upsample, u.d_model, u.num_heads),
+        states=unit_decoder_states(u.t2u_layers, u.num_layers, text, u.upsample, u.d_model,
+                                   u.num_heads),
     )
+
+
+def unit_short_contract(cfg: Config) -> StageContract:
+    """``unit_decoder`` over ``short_target_tokens`` text states (ValueError when the config
+    exports none)."""
+    return unit_decoder_contract(cfg, UNIT_SHORT_STAGE)
+
+
+def exported_stage_names(cfg: Config, sentence_graphs: bool = False) -> tuple[str, ...]:
+    """The stages an export of ``cfg`` writes by default, in pipeline order."""
+    names = STAGE_NAMES + (EXACT_STAGE_NAMES if sentence_graphs else ())
+    return names + ((UNIT_SHORT_STAGE,) if short_target_tokens(cfg) else ())
 
 
 def sentence_text_states(cfg: Config) -> int:
@@ -509,6 +538,7 @@ CONTRACT_BUILDERS: dict[str, Callable[[Config], StageContract]] = {
     "mt_source": mt_source_contract,
     "mt_decoder": mt_decoder_contract,
     "unit_decoder": unit_decoder_contract,
+    UNIT_SHORT_STAGE: unit_short_contract,
     "unit_sentence": unit_sentence_contract,
     "duration": duration_contract,
     "vocoder": vocoder_contract,
@@ -519,5 +549,5 @@ def stage_contract(stage: str, cfg: Config) -> StageContract:
     try:
         builder = CONTRACT_BUILDERS[stage]
     except KeyError:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_NAMES)}") from None
+        raise ValueError(f"unknown stage {stage!r}; expected one of {list(ALL_STAGE_NAMES)}") from None
     return builder(cfg)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from echostream.config import PRESETS
-from echostream.contract import ALL_STAGE_NAMES, EXACT_STAGE_NAMES, STAGE_NAMES, stage_contract
+from echostream.contract import (ALL_STAGE_NAMES, EXACT_STAGE_NAMES, STAGE_NAMES,
+                                 UNIT_SHORT_STAGE, exported_stage_names, stage_contract)
 from echostream.atomic import atomic_folder
 from echostream.runtime.artifacts import PRECISIONS
 from echostream.errors import EchoStreamError
@@ -35,7 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output folder (default: engines/<config name>)")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     parser.add_argument("--stages", nargs="+", choices=ALL_STAGE_NAMES, metavar="STAGE",
-                        help=f"stages to export (default: all of {', '.join(STAGE_NAMES)}, and "
+                        help=f"stages to export (default: all of {', '.join(STAGE_NAMES)}, "
+                             f"{UNIT_SHORT_STAGE} when sentence.short_target_tokens is set, and "
                              f"{', '.join(EXACT_STAGE_NAMES)} with --sentence-graphs)")
     parser.add_argument("--sentence-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="also export the sentence graphs of translate --fidelity exact "
@@ -53,8 +55,9 @@ def main(args: argparse.Namespace) -> int:
     )
     out = Path(manifest["_path"])
     total = sum(s["export_s"] for s in manifest["stages"].values())
+    width = max(map(len, manifest["stages"]))
     for stage, entry in manifest["stages"].items():
-        print(f"  {stage:<13} {entry['export_s']:6.1f} s  {entry['nodes']:5d} nodes  "
+        print(f"  {stage:<{width}} {entry['export_s']:6.1f} s  {entry['nodes']:5d} nodes  "
               f"{', '.join(entry['files'].values())}")
     print(f"exported {len(manifest['stages'])} stage(s) to {out} in {total:.1f} s")
     return 0
@@ -167,7 +170,7 @@ def _resolve_stages(cfg, stages: Iterable[str] | None, sentence_graphs: bool | N
     if sentence_graphs is None:
         sentence_graphs = cfg.encoder.kind == "conformer"
     if stages is None:
-        stages = list(STAGE_NAMES) + (list(EXACT_STAGE_NAMES) if sentence_graphs else [])
+        stages = exported_stage_names(cfg, sentence_graphs)
     stages = list(stages)
     unknown = [s for s in stages if s not in ALL_STAGE_NAMES]
     if unknown:

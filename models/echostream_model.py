@@ -16,7 +16,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from echostream.contract import StageContract, stage_contract
+from echostream.contract import UNIT_SHORT_STAGE, StageContract, short_target_tokens, stage_contract
 from echostream.config import EchoStreamConfig
 from echostream.models.decoders.ctc_decoder import CTCDecoder, CTCDecoderWithTransformerLayer
 from echostream.models.decoders.transformer_decoder import TransformerMTDecoder
@@ -83,6 +83,7 @@ class EchoStreamModel(nn.Module):
             "mt_source": self._mt_source_step,
             "mt_decoder": self._mt_decoder_step,
             "unit_decoder": self._unit_decoder_step,
+            UNIT_SHORT_STAGE: self._unit_short_step,
             "unit_sentence": self._unit_sentence_step,
             "duration": self._duration_step,
             "vocoder": self._vocoder_step,
@@ -118,6 +119,10 @@ class EchoStreamModel(nn.Module):
 
     def _unit_decoder_step(self, inputs: TensorDict, state: TensorDict):
         y, next_state = self.unit_decoder.step(inputs["x"], state)
+        return {"y": y}, next_state
+
+    def _unit_short_step(self, inputs: TensorDict, state: TensorDict):
+        y, next_state = self.unit_decoder.step(inputs["x"], state, short_target_tokens(self.cfg))
         return {"y": y}, next_state
 
     def _duration_step(self, inputs: TensorDict, state: TensorDict):

@@ -3,6 +3,7 @@ and the pieces that produce numbers (FLOP counting, target verdicts, memory prob
 they claim. No timing is ever asserted: only structure, counts and exact arithmetic."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -11,12 +12,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from echostream.bench import command as bench_command
 from echostream.bench.flops import count_graph_flops, matmul_macs
+from echostream.bench.streams import TRAINED_TOKENS_PER_S, trained_length_policy
 from echostream.bench.report import TARGETS, check_targets, render_markdown
 from echostream.bench.timing import Timing, time_calls
 from echostream.bench.tuning import SPINNING, session_config, tuning_variants
 from echostream.cli import main as cli_main
-from echostream.contract import ALL_STAGE_NAMES, STAGE_NAMES
+from echostream.contract import ALL_STAGE_NAMES
+from echostream.errors import EchoStreamError
+from echostream.runtime.policy import PolicyConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,11 +57,35 @@ def test_quick_run_writes_json_markdown_and_png(quick_run):
     assert md == render_markdown(bench)  # the markdown is a pure function of the JSON
 
 
+def test_streams_part_ends_translations_at_a_trained_length_and_weighs_held_state(quick_run):
+    """Seeded weights never emit </s>: the streams part caps each translation where a trained
+    model's would end (--tokens-per-s, default 4.1 per source second of the longest utterance),
+    and compares RSS per stream with the state the streams really held (short unit graph or
+    full), not with the contract bound."""
+    _, bench = quick_run
+    streams = bench["streams"]
+    assert bench["settings"]["tokens_per_s"] == TRAINED_TOKENS_PER_S
+    assert 1 <= streams["final_max_len"] < PolicyConfig().final_max_len
+    held, bound = streams["state_bytes_per_stream"], streams["state_bytes_bound_per_stream"]
+    assert 0 < held <= bound
+    parser = argparse.ArgumentParser()
+    bench_command.configure(parser)
+    with pytest.raises(EchoStreamError, match="--tokens-per-s expected >= 0"):
+        bench_command._settings(parser.parse_args(["--tokens-per-s", "-1"]), 2)
+
+
+def test_trained_length_policy_scales_with_the_longest_utterance():
+    pool = [np.zeros(16000 * 3, np.float32), np.zeros(int(16000 * 4.9), np.float32)]
+    assert trained_length_policy(pool, 4.1).final_max_len == math.ceil(4.1 * 4.9) == 21
+    assert trained_length_policy(pool, 0.0) is None  # the policy's own final_max_len
+
+
 def test_window_costs_compare_the_old_and_the_sentence_windows(quick_run):
     _, bench = quick_run
     win = bench["windows"]
     assert set(win["stages"]) == {"st_ctc", "unit_decoder"}
-    assert win["after"] == {"max_source_frames": 256, "max_target_tokens": 32}  # tiny preset
+    assert win["after"] == {"max_source_frames": 256, "max_target_tokens": 32,
+                            "short_target_tokens": 8}  # tiny preset
     for entry in win["stages"].values():
         assert entry["state_bytes"]["after"] > entry["state_bytes"]["before"] > 0
         assert all(t > 0 for t in entry["ms_per_call"].values())
@@ -101,7 +130,7 @@ def test_cost_vs_position_curves(quick_run):
 def test_pipeline_counts_calls_and_flops(quick_run):
     _, bench = quick_run
     pipe = bench["pipeline"]
-    assert set(pipe["stages"]) <= set(STAGE_NAMES)
+    assert set(pipe["stages"]) <= set(ALL_STAGE_NAMES)
     assert pipe["audio"]["seconds"] > 15 and pipe["calls_consistent"]
     enc = pipe["stages"]["encoder"]
     # One encoder step per 4S fbank frames: calls per audio second ~ 1 / segment (tail included).

@@ -134,7 +134,9 @@ def check_fp16_agreement(artifacts: Path, seconds: float, policy: PolicyConfig |
     """
     audio = speech_like(seconds)
     fp32 = Translator.from_artifacts(artifacts, precision="fp32", policy=policy, deterministic=True)
-    recorder = fp32.stages["unit_decoder"] = RecordingStage(fp32.stages["unit_decoder"])
+    recorders = {name: RecordingStage(fp32.stages[name]) for name in UNIT_STAGES
+                 if name in fp32.stages}
+    fp32.stages.update(recorders)
     ref = emitted_ids(fp32, audio)
     half = emitted_ids(Translator.from_artifacts(artifacts, precision="fp16", policy=policy,
                                                  deterministic=True), audio)
@@ -147,19 +149,27 @@ def check_fp16_agreement(artifacts: Path, seconds: float, policy: PolicyConfig |
         floor = asr_floor if kind == "asr" else 0.99
         assert score >= floor, f"{kind}: fp16 agrees with fp32 on {score:.2%} (< {floor:.0%})"
     if units == "decisive_frames":
-        check_unit_frames_fp16(artifacts, recorder.calls)
+        check_unit_frames_fp16(artifacts, [(name, *call) for name, r in recorders.items()
+                                           for call in r.calls])
+
+
+UNIT_STAGES = ("unit_decoder_short", "unit_decoder")
 
 
 def check_unit_frames_fp16(artifacts: Path, calls: list, max_error: float = 5e-3,
                            decisive_gap: float = 1e-2) -> None:
+    """``calls``: (stage, feed, outputs) of the fp32 unit-decoder graphs, replayed on their fp16
+    twins."""
     from echostream.runtime.onnxruntime_backend import OrtStage
     from echostream.runtime.artifacts import load_artifacts
 
     loaded = load_artifacts(artifacts, precision="fp16")
-    half = OrtStage.from_artifacts(loaded, "unit_decoder", deterministic=True)
-    state_names = set(half.contract.state_names)
+    halves = {name: OrtStage.from_artifacts(loaded, name, deterministic=True)
+              for name in {stage for stage, _, _ in calls}}
     errors, decisive, flipped = [], 0, 0
-    for feed, outputs in calls:
+    for stage, feed, outputs in calls:
+        half = halves[stage]
+        state_names = set(half.contract.state_names)
         state = {k: v for k, v in feed.items() if k in state_names}
         inputs = {k: v for k, v in feed.items() if k not in state_names}
         want, got = outputs["y"], half.run(inputs, state)[0]["y"]
@@ -168,7 +178,7 @@ def check_unit_frames_fp16(artifacts: Path, calls: list, max_error: float = 5e-3
         sure = (top2[..., 1] - top2[..., 0]) > decisive_gap
         decisive += int(sure.sum())
         flipped += int((want.argmax(-1) != got.argmax(-1))[sure].sum())
-    frames = sum(o["y"].shape[0] * o["y"].shape[1] for _, o in calls)
+    frames = sum(o["y"].shape[0] * o["y"].shape[1] for _, _, o in calls)
     print(f"unit decoder fp16: max abs {max(errors):.1e} over {len(calls)} calls; "
           f"{decisive} of {frames} frames decisive, {flipped} flipped")
     assert len(calls) >= 10 and decisive >= frames // 2, "too few decisive unit frames to compare"

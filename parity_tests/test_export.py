@@ -58,7 +58,7 @@ def test_manifest_contracts_equal_the_shared_contract(tiny_artifacts_dir):
         assert entry["export_s"] > 0
 
 
-@pytest.mark.parametrize("stage", STAGE_NAMES)
+@pytest.mark.parametrize("stage", STAGE_NAMES + ("unit_decoder_short",))
 def test_graph_is_valid_and_matches_contract(tiny_artifacts_dir, tiny_config, stage):
     path = tiny_artifacts_dir / f"{stage}.onnx"
     onnx.checker.check_model(str(path), full_check=True)
@@ -133,6 +133,21 @@ def test_export_refuses_bad_requests(tmp_path, capsys):
     assert cli.main(["export", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_short_unit_graph_is_exported_only_when_the_config_has_one():
+    from echostream.config import get_preset
+    from echostream.contract import exported_stage_names
+    from echostream.export.commands import _resolve_stages
+
+    cfg = get_preset("tiny")
+    assert exported_stage_names(cfg)[-1] == "unit_decoder_short"
+    assert _resolve_stages(cfg, None, False) == list(STAGE_NAMES) + ["unit_decoder_short"]
+    for off in (0, cfg.sentence.max_target_tokens):
+        cfg.sentence.short_target_tokens = off
+        assert exported_stage_names(cfg) == STAGE_NAMES
+        with pytest.raises(EchoStreamError, match="unit_decoder_short: .*exports no short"):
+            _resolve_stages(cfg, ["unit_decoder_short"], False)
 
 
 # ---- damaged folders -----------------------------------------------------------------------------

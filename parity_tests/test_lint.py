@@ -325,13 +325,14 @@ def test_exported_tiny_artifacts_are_clean(tiny_artifacts_copy):
         stage = onnx_file.name.split(".")[0]
         make_fp16_variant(onnx_file, fp16_path(onnx_file), stage_contract(stage, cfg))
     files, violations = lint_paths([tiny_artifacts_copy])
-    assert len(files) == 16  # 7 stages + the sentence graph, fp32 and fp16
+    assert len(files) == 18  # 7 stages + the short unit graph + the sentence graph, fp32 and fp16
     assert violations == []
 
 
 @pytest.mark.slow
 def test_exported_echostream_artifacts_are_clean(echostream_artifacts_dir, capsys):
-    """The full-size preset: all 14 graphs (fp32 + fp16) pass `echostream lint`."""
+    """The full-size preset: all 16 graphs (7 stages + the short unit graph, fp32 + fp16) pass
+    `echostream lint`."""
     assert cli_main(["lint", str(echostream_artifacts_dir)]) == 0, capsys.readouterr()
     files, violations = lint_paths([echostream_artifacts_dir])
-    assert len(files) == 14 and violations == []
+    assert len(files) == 16 and violations == []

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from echostream import cli
-from echostream.contract import STAGE_NAMES
+from echostream.contract import exported_stage_names
 from echostream.export.manifest import add_files
 from echostream.export.parity import (Comparison, Tolerance, cosine_similarity, format_table,
                                       run_parity)
@@ -17,7 +17,7 @@ from echostream.models.weights import load_checkpoint, save_checkpoint
 from echostream.runtime.artifacts import load_artifacts
 from echostream.runtime.backends import load_stage
 
-STATEFUL = ("encoder", "st_ctc", "mt_source", "mt_decoder", "unit_decoder")
+STATEFUL = ("encoder", "st_ctc", "mt_source", "mt_decoder", "unit_decoder", "unit_decoder_short")
 
 
 def _checks(results) -> dict[tuple[str, str], object]:
@@ -116,7 +116,7 @@ def test_parity_command_refuses_missing_precision(tiny_artifacts_dir, capsys):
 def test_echostream_preset_parity(echostream_artifacts_dir):
     """The full-size preset (exported once per session by the shared fixture): every check passes."""
     artifacts = load_artifacts(echostream_artifacts_dir)
-    assert artifacts.stages == list(STAGE_NAMES)
+    assert artifacts.stages == list(exported_stage_names(artifacts.config))
     results = run_parity(artifacts, "onnxruntime", steps=10)
     assert all(r.passed for r in results), format_table(results)
 

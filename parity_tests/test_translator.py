@@ -268,3 +268,51 @@ def test_ctc_tokens_equal_the_full_utterance_pass(tiny_artifacts, translator, se
                                                                   stream.st_ctc.tokens)):
         offline = greedy_ctc_decode(out[head][:, 0].numpy(), 0, (pad, unk), (pad,))
         assert streamed == offline and len(offline) >= 2, head
+
+
+def test_short_unit_graph_gives_the_full_graphs_events(tiny_artifacts_dir):
+    """Sentences start on ``unit_decoder_short`` (8 text states in tiny) and move to
+    ``unit_decoder`` with grown caches: the events (token and unit ids, samples within 1e-5) equal
+    a translator that runs the full graph only, and both graphs really ran (a sentence crossed)."""
+    from test_chunking_invariance import assert_same_events
+
+    short = Translator.from_artifacts(tiny_artifacts_dir)
+    assert short.unit_short == 8
+    stages = {k: v for k, v in short.stages.items() if k != "unit_decoder_short"}
+    full = Translator(stages, short.config, short.src_vocab, short.tgt_vocab, short.cmvn_mean,
+                      short.cmvn_std, 320)
+    assert full.unit_short == 0
+    calls: dict[str, int] = {}
+    for name in ("unit_decoder_short", "unit_decoder"):
+        stage, run = short.stages[name], short.stages[name].run
+
+        def spy(inputs, state=None, context=None, name=name, run=run):
+            calls[name] = calls.get(name, 0) + 1
+            return run(inputs, state, context)
+
+        stage.run = spy
+    audio = bursts(6.0, seed=1)
+    events = {}
+    for label, translator in (("full", full), ("short", short)):
+        stream = translator.create_stream()
+        stream.accept_waveform(SR, audio)
+        stream.input_finished()
+        before = dict(calls)
+        events[label] = translator.decode(stream)
+        if label == "short":
+            assert calls["unit_decoder_short"] - before.get("unit_decoder_short", 0) >= 8
+            assert calls["unit_decoder"] > before.get("unit_decoder", 0)
+    assert_same_events(events["short"], events["full"])
+    assert sum(len(e.unit_ids) for e in events["short"] if isinstance(e, SpeechChunk)) > 0
+
+
+def test_growing_a_fifo_state_refuses_a_shrink():
+    from echostream.contract import stage_contract
+    from echostream.runtime.stage import grow_fifo_state
+    from echostream.config import get_preset
+
+    contract = stage_contract("unit_decoder_short", get_preset("tiny").to_dict())
+    big = {s.name: np.ones((1,) + tuple(2 * d for d in s.shape[1:]), s.dtype)
+           for s in contract.states}
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow_fifo_state(big, contract)

@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from echostream.contract import unit_decoder_contract
-from echostream.config import get_preset
+from echostream.contract import unit_decoder_contract, unit_short_contract
+from echostream.config import SentenceConfig, get_preset
 from echostream.models.decoders.unit_decoder import CTCTransformerUnitDecoder
 from echostream.models.state import check_state
+from echostream.runtime.stage import grow_fifo_state, zero_host_state
 
 ATOL = 1e-5
 D, K, UP = 32, 1005, 25
@@ -187,6 +188,75 @@ def test_bad_input_is_refused():
     cfg.unit.d_model = 64
     with pytest.raises(ValueError, match="d_model expected = mt.d_model 32"):
         CTCTransformerUnitDecoder.from_config(cfg)
+
+
+def short_then_full(model, text: torch.Tensor, short: int):
+    """Step ``text`` on the short graph's caches (``short`` text states), grow them when the
+    sentence outgrows them (as the runtime does), then step on the full caches."""
+    contract = model.step_contract(short)
+    state = {k: torch.from_numpy(v) for k, v in zero_host_state(contract, text.shape[0]).items()}
+    outs = []
+    for i in range(text.shape[1]):
+        if i < short:
+            y, state = model.step(text[:, i], state, short)
+        else:
+            if i == short:
+                grown = grow_fifo_state({k: v.numpy() for k, v in state.items()}, model.contract)
+                state = {k: torch.from_numpy(v) for k, v in grown.items()}
+            y, state = model.step(text[:, i], state)
+        outs.append(y)
+    return torch.cat(outs, dim=1), state
+
+
+@pytest.mark.parametrize("short", [1, 3, 6])
+def test_short_graph_then_grown_caches_equal_the_full_step(short):
+    """The short graph (every window ``short`` text states) while the sentence fits, then its
+    caches padded on the left into the full step: the same units and the same final state as the
+    full step all along (and as the full pass), for a sentence longer than the short window."""
+    model = make(text_capacity=8)
+    text = torch.randn(2, 11, D)
+    with torch.no_grad():
+        full, full_state = stream(model, text)
+        mixed, mixed_state = short_then_full(model, text, short)
+        reference = model(text)
+    torch.testing.assert_close(mixed, full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(mixed, reference, atol=ATOL, rtol=0)
+    for k in full_state:
+        torch.testing.assert_close(mixed_state[k], full_state[k], atol=ATOL, rtol=0)
+
+
+def test_short_graph_past_its_capacity_is_not_the_full_step():
+    """Why the runtime grows the caches at the short capacity: a short graph kept beyond it
+    slides its windows and forgets the sentence's first text states."""
+    model, short = make(text_capacity=8), 2
+    text = torch.randn(1, 5, D)
+    contract = model.step_contract(short)
+    state = {k: torch.from_numpy(v) for k, v in zero_host_state(contract, 1).items()}
+    with torch.no_grad():
+        full, _ = stream(model, text)
+        outs = []
+        for i in range(text.shape[1]):
+            y, state = model.step(text[:, i], state, short)
+            outs.append(y)
+    assert (torch.cat(outs, 1) - full).abs().max() > 1e-3
+
+
+def test_short_contract_and_its_refusals():
+    cfg = get_preset("tiny")
+    model = CTCTransformerUnitDecoder.from_config(cfg).eval()
+    short = unit_short_contract(cfg.to_dict())
+    assert short.stage == "unit_decoder_short"
+    assert model.step_contract(cfg.sentence.short_target_tokens).states == short.states
+    keys = next(spec for spec in short.states if spec.name == "unit_keys_0")
+    assert keys.shape[2] == cfg.unit.upsample * cfg.sentence.short_target_tokens
+    with pytest.raises(ValueError, match="text_capacity expected 1..32"):
+        model.step_contract(33)
+    for value in (0, cfg.sentence.max_target_tokens):
+        cfg.sentence.short_target_tokens = value
+        with pytest.raises(ValueError, match="exports no short unit-decoder graph"):
+            unit_short_contract(cfg.to_dict())
+    with pytest.raises(ValueError, match="short_target_tokens expected >= 0"):
+        SentenceConfig(short_target_tokens=-1)
 
 
 @pytest.mark.slow

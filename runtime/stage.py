@@ -7,6 +7,7 @@ TensorRT / ORT-CUDA (swapped by pointer, never copied to the host).
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, Mapping
 
@@ -77,6 +78,32 @@ class Stage(ABC):
     def state_to_host(self, state: StageState) -> dict[str, np.ndarray]:
         """State as host numpy arrays keyed by state name (for parity checks and debugging)."""
         return {k: np.asarray(v) for k, v in state.items()}
+
+    def state_from_host(self, arrays: Mapping[str, np.ndarray]) -> StageState:
+        """The backend's state holding ``arrays`` (keyed by state name); host backends keep them."""
+        check_host_feed(dataclasses.replace(self.contract, data_inputs=(), context=()), {}, arrays)
+        return {name: arrays[name] for name in self.contract.state_names}
+
+
+def grow_fifo_state(arrays: Mapping[str, np.ndarray], contract: StageContract
+                    ) -> dict[str, np.ndarray]:
+    """A state of shorter right-aligned FIFOs as the state of ``contract``'s longer ones: each
+    array zero-padded at the start of every axis where it is shorter (the oldest slots, which the
+    counters mark empty); counters and equal-shaped arrays are kept as they are."""
+    out = {}
+    for spec in contract.states:
+        a = arrays[spec.name]
+        want = spec.concrete_shape(a.shape[0])
+        if tuple(a.shape) == want:
+            out[spec.name] = a
+            continue
+        if len(want) != a.ndim or any(w < n for w, n in zip(want, a.shape)):
+            raise ValueError(f"{contract.stage}: cannot grow {spec.name} of shape {list(a.shape)} "
+                             f"to {list(want)}")
+        grown = np.zeros(want, a.dtype)
+        grown[tuple(slice(w - n, None) for w, n in zip(want, a.shape))] = a
+        out[spec.name] = grown
+    return out
 
 
 def zero_host_state(contract: StageContract, batch: int) -> dict[str, np.ndarray]:

@@ -98,6 +98,7 @@ class Sentence:
     policy: PolicyState
     synthesis: SynthesisState
     encoder_steps: int = 0
+    unit_text_states: int = 0  # text states fed to the unit decoder (it picks the graph)
     num_samples: int = 0  # speech samples of this sentence
     encoder_origin: int | None = None  # where the encoder state began (frames before it: zeros)
     exact: Any = None  # the exact-fidelity bookkeeping (runtime/exact.py AgentBook)

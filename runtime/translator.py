@@ -26,7 +26,10 @@ frames x 40 ms, so a segment is k encoder steps). Per encoder step: the encoder 
 by 4S -> S frames ``y`` + ASR log-probs; ``st_ctc`` and ``mt_source`` consume ``y``; the ASR and
 ST CTC collapses count tokens. Per segment: the StreamSpeech policy (``runtime/policy.py``)
 decides READ or WRITE; each newly committed text state goes through ``unit_decoder`` (25
-unit-CTC frames), the incremental unit collapse and the streaming synthesiser.
+unit-CTC frames), the incremental unit collapse and the streaming synthesiser. A sentence starts
+on ``unit_decoder_short`` when the artifacts have it (the same weights over
+``sentence.short_target_tokens`` text states, so a short sentence's unit calls cost its own length)
+and moves to ``unit_decoder`` with its caches padded when it outgrows it.
 
 At the sentence capacity (``sentence.max_source_frames`` / ``max_target_tokens``) the sentence
 ends: its translation is decoded to ``</s>``, its speech flushed, an ``EndOfSentence`` says why,
@@ -54,12 +57,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from echostream.contract import (EXACT_STAGE_NAMES, STAGE_NAMES, as_config,
+from echostream.contract import (EXACT_STAGE_NAMES, OPTIONAL_STAGE_NAMES, STAGE_NAMES,
+                                 UNIT_SHORT_STAGE, as_config,
                                  conformer_block_chunks, encoder_has_valid_input, encoder_hop_frames,
                                  encoder_kind, encoder_step_frames, encoder_window_frames,
                                  encoder_window_lead, fbank_frame_count, fbank_window_shift,
                                  sentence_source_frames, sentence_target_tokens,
-                                 subsampled_frame_count)
+                                 short_target_tokens, subsampled_frame_count)
 from echostream.errors import ArtifactError, EchoStreamError
 from echostream.runtime.ctc import text_ctc, unit_ctc
 from echostream.runtime.events import (AsrText, EndOfSentence, EndOfStream, Event, SpeechChunk,
@@ -70,7 +74,7 @@ from echostream.runtime.features import FeatureStream
 from echostream.runtime.policy import (CtcCounts, MTState, PolicyConfig, PolicyOutcome,
                                        PolicyState, policy_step)
 from echostream.runtime.scheduler import Program, StageCall, run_programs
-from echostream.runtime.stage import Stage
+from echostream.runtime.stage import Stage, grow_fifo_state
 from echostream.runtime.stream import Sentence, Stream, Transcript
 from echostream.runtime.synthesis import SynthesisState, SynthesisWindows, flush, push
 from echostream.runtime.vocab import Vocabulary
@@ -117,7 +121,8 @@ class Translator:
     """Stateless simultaneous speech-to-speech translator over one set of stage graphs.
 
     Args:
-        stages: stage name -> :class:`Stage` for every name in ``echostream.contract.STAGE_NAMES``.
+        stages: stage name -> :class:`Stage` for every name in ``echostream.contract.STAGE_NAMES``
+            (and ``unit_decoder_short`` if the artifacts have it: see ``_unit_stage``).
         config: the model config dict (manifest ``config``).
         src_vocab / tgt_vocab: source (ASR) and target (ST / MT) vocabularies.
         cmvn_mean / cmvn_std: global CMVN ``[num_mel_bins]`` (None: identity).
@@ -169,6 +174,8 @@ class Translator:
         self.synthesis = SynthesisWindows.from_config(self.config)
         self.eos, self.pad = self.cfg.mt.eos, self.cfg.mt.pad
         self.unit_offset = self.cfg.unit.unit_offset
+        # Text states the short unit-decoder graph holds (0: the artifacts have none).
+        self.unit_short = short_target_tokens(self.cfg) if UNIT_SHORT_STAGE in self.stages else 0
         if fidelity == "exact":
             check_exact(self.cfg, segment_ms)
         check_endpoint(endpoint, fidelity, self.cfg)
@@ -226,7 +233,8 @@ class Translator:
             raise ArtifactError(f"{artifacts.root}: --fidelity {fidelity} needs the stage graphs "
                                 f"{absent}, which these artifacts lack; re-export with "
                                 "--sentence-graphs")
-        stages = load_stages(artifacts, backend, needed, **backend_opts)
+        optional = tuple(s for s in OPTIONAL_STAGE_NAMES if s in artifacts.stages)
+        stages = load_stages(artifacts, backend, needed + optional, **backend_opts)
         return cls(stages, artifacts.config, _vocabulary(artifacts, "src"),
                    _vocabulary(artifacts, "tgt"), artifacts.cmvn_mean, artifacts.cmvn_std,
                    segment_ms, policy, fidelity, agent, endpoint)
@@ -253,6 +261,8 @@ class Translator:
 
     def _sentence(self, frame_base: int) -> Sentence:
         states = {name: self.stages[name].initial_state(1) for name in SENTENCE_STAGES}
+        if self.unit_short:  # the sentence starts on the short unit-decoder graph
+            states["unit_decoder"] = self.stages[UNIT_SHORT_STAGE].initial_state(1)
         mt = MTState(self.stages["mt_decoder"].initial_state(1))
         sentence = Sentence(frame_base, states, text_ctc(self.cfg), text_ctc(self.cfg),
                             unit_ctc(self.cfg), PolicyState(mt, capacity=self.target_capacity),
@@ -623,10 +633,23 @@ class Translator:
         units: list[int] = []
         for hidden in text_states:
             x = np.asarray(hidden, dtype=np.float32)[None]
-            out, s.states["unit_decoder"] = yield StageCall("unit_decoder", {"x": x},
+            stage = self._unit_stage(s)
+            out, s.states["unit_decoder"] = yield StageCall(stage, {"x": x},
                                                             s.states["unit_decoder"])
+            s.unit_text_states += 1
             units += [c - self.unit_offset for c in s.unit_ctc.accept(out["y"][0])]
         return units
+
+    def _unit_stage(self, s: Sentence) -> str:
+        """The unit-decoder graph for the sentence's next text state: the short one while its
+        caches hold the sentence; at its capacity the state moves to the full graph, padded."""
+        if s.unit_text_states < self.unit_short:
+            return UNIT_SHORT_STAGE
+        if self.unit_short and s.unit_text_states == self.unit_short:
+            short, full = self.stages[UNIT_SHORT_STAGE], self.stages["unit_decoder"]
+            grown = grow_fifo_state(short.state_to_host(s.states["unit_decoder"]), full.contract)
+            s.states["unit_decoder"] = full.state_from_host(grown)
+        return "unit_decoder"
 
 
 FIDELITIES = ("incremental", "exact")

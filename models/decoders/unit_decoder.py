@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from echostream.contract import (
+    UNIT_SHORT_STAGE,
     StageContract,
     state_contract,
     unit_decoder_states,
@@ -121,7 +122,8 @@ class T2UEncoder(nn.Module):
 
     def step(self, x: Tensor, keys: Tensor, values: Tensor, count: Tensor
              ) -> tuple[Tensor, Tensor, Tensor]:
-        allowed = window_allowed(count, self.context, x.shape[1])
+        """The window is the cache's length (``self.context``, or shorter for a short graph)."""
+        allowed = window_allowed(count, keys.shape[2], x.shape[1])
         next_keys, next_values = [], []
         for i, layer in enumerate(self.layers):
             past_k, past_v = keys[:, i], values[:, i]
@@ -237,9 +239,25 @@ class CTCTransformerUnitDecoder(nn.Module):
             x, _, _ = layer(x, self_allowed, ck, cv, cross_allowed)
         return self._output(x)
 
-    def step(self, text_state: Tensor, state: dict[str, Tensor]
+    def step_contract(self, text_capacity: int | None = None) -> StageContract:
+        """The state contract of :meth:`step` over ``text_capacity`` text states (default ``Ct``)."""
+        if text_capacity is None or text_capacity == self.text_capacity:
+            return self.contract
+        if not 1 <= text_capacity <= self.text_capacity:
+            raise ValueError(f"unit_decoder: text_capacity expected 1..{self.text_capacity}, "
+                             f"got {text_capacity}")
+        t2u_layers, heads = len(self.t2u.layers), self.layers[0].self_attn.num_heads
+        return state_contract(UNIT_SHORT_STAGE, unit_decoder_states(
+            t2u_layers, self.num_layers, text_capacity, self.upsample, self.d_model, heads))
+
+    def step(self, text_state: Tensor, state: dict[str, Tensor], text_capacity: int | None = None
              ) -> tuple[Tensor, dict[str, Tensor]]:
         """One committed text state per stream -> its ``U`` unit-CTC frames (block-causal only).
+
+        With ``text_capacity`` ``c < Ct`` (the short graph) every window and cache holds ``c``
+        text states: while ``text_positions < c`` the step is the full one exactly (the states the
+        full caches hold beyond ``c`` are still zeros, masked off), so a sentence moves to the
+        full step by padding each cache on the left (``runtime.stage.grow_fifo_state``).
 
         Args:
             text_state: ``[B, D]`` one D_text vector.
@@ -256,12 +274,14 @@ class CTCTransformerUnitDecoder(nn.Module):
                              "every write and has no incremental step; use forward(text, lengths)")
         check_input("unit_decoder", "text_state", text_state, (None, self.d_model))
         B = text_state.shape[0]
-        check_state(self.contract, state, B)
+        check_state(self.step_contract(text_capacity), state, B)
+        capacity = text_capacity or self.text_capacity
         count = state["text_positions"]
         t2u, t2u_keys, t2u_values = self.t2u.step(
             text_state.unsqueeze(1), state["t2u_keys"], state["t2u_values"], count)  # [B, 1, D]
-        cross_allowed = window_allowed(count, self.text_capacity, 1)  # [B, 1, Ct + 1]
-        self_allowed = block_step_allowed(count * self.upsample, self.unit_capacity, self.upsample)
+        cross_allowed = window_allowed(count, capacity, 1)  # [B, 1, Ct + 1]
+        self_allowed = block_step_allowed(count * self.upsample, capacity * self.upsample,
+                                          self.upsample)
         x = self.dropout(t2u.expand(B, self.upsample, self.d_model) + self.position)  # [B, U, D]
         cross: dict[str, list[Tensor]] = {"cross_keys": [], "cross_values": []}
         next_state: dict[str, Tensor] = {}
@@ -279,3 +299,4 @@ class CTCTransformerUnitDecoder(nn.Module):
         next_state.update({name: torch.stack(c, dim=1) for name, c in cross.items()})
         next_state.update(t2u_keys=t2u_keys, t2u_values=t2u_values, text_positions=count + 1)
         return self._output(x), next_state
+
