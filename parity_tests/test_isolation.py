@@ -182,8 +182,9 @@ def test_concurrent_threads_equal_alone(translator, scripts, solo):
 
 
 def test_streams_share_no_state_memory(translator):
-    """Fresh streams own their state arrays: nothing aliases another stream's buffers, and
-    stepping one stream leaves another's state at zero."""
+    """Fresh streams share only read-only state arrays (the backend's one zero state): nothing
+    writable aliases another stream's buffers, and stepping one stream leaves another's state at
+    zero."""
     a, b = translator.create_stream(), translator.create_stream()
 
     def arrays(stream):
@@ -191,7 +192,11 @@ def test_streams_share_no_state_memory(translator):
         return [v for s in states.values() for v in s.values()]
 
     for x in arrays(a):
-        assert not any(np.shares_memory(x, y) for y in arrays(b))
+        shared = [y for y in arrays(b) if np.shares_memory(x, y)]
+        assert all(not x.flags.writeable and not y.flags.writeable for y in shared)
+        if shared:
+            with pytest.raises(ValueError, match="read-only"):
+                x[...] = 1
     a.accept_waveform(16000, voice(0, 16000, 1.5))
     translator.decode(a)
     assert any(np.any(x != 0) for x in arrays(a))

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from echostream.errors import AudioError
 from echostream.runtime.policy import PolicyConfig
+from echostream.runtime.scheduler import stack_rows
 from echostream.runtime.translator import Translator
 
 from test_chunking_invariance import assert_same_events
@@ -143,6 +144,50 @@ def test_random_schedules_equal_solo_decoding_on_torch(translators, plans):
     batched = together(translator, plans)
     for plan, events in zip(plans, batched):
         assert_same_events(events, solo(translator, plan))
+
+
+def test_stacking_rows_of_one_batch_is_a_view_and_anything_else_a_copy():
+    batch = np.arange(5 * 3, dtype=np.float32).reshape(5, 3).copy()  # owns its data, as outputs do
+    rows = [batch[i:i + 1] for i in range(5)]
+    for chosen in ([1, 2, 3], [0, 1, 2, 3, 4], [4]):
+        stacked = stack_rows([rows[i] for i in chosen])
+        assert np.shares_memory(stacked, batch) and stacked.base is batch
+        np.testing.assert_array_equal(stacked, batch[chosen])
+    for chosen in ([1, 3], [2, 1], [0, 0]):  # a gap, another order, a row twice: copied
+        stacked = stack_rows([rows[i] for i in chosen])
+        assert not np.shares_memory(stacked, batch)
+        np.testing.assert_array_equal(stacked, batch[chosen])
+
+
+def test_a_context_is_stacked_once_while_the_same_streams_write(translators):
+    """The MT decoder's context (the source K/V of ``mt_source``) stays put while streams write
+    token after token: one decode_streams stacks it once per set of streams, not once per token."""
+    translator = translators[320]
+    stage = translator.stages["mt_decoder"]
+    stacked, calls = [], []
+    original_stack, original_run = stage.stack_states, stage.run
+
+    def stack(states):
+        out = original_stack(states)
+        if "cross_keys" in states[0]:
+            stacked.append(len(states))
+        return out
+
+    def run(inputs, state=None, context=None):
+        calls.append(int(inputs["x"].shape[0]))
+        return original_run(inputs, state, context)
+
+    stage.stack_states, stage.run = stack, run
+    try:
+        streams = [translator.create_stream() for _ in range(4)]
+        for i, s in enumerate(streams):
+            s.accept_waveform(16000, bursts(1.5, seed=i))
+            s.input_finished()
+        translator.decode_streams(streams)
+    finally:
+        del stage.stack_states, stage.run
+    batched = [n for n in calls if n > 1]
+    assert len(batched) > 2 and 0 < len(stacked) < len(batched)
 
 
 def test_batched_calls_really_batch(translators):

@@ -74,13 +74,14 @@ def run_programs(stages: Mapping[str, Stage], programs: Sequence[Program],
     failures: list[ProgramFailure] = []
     pending: dict[int, StageCall] = {}
     step = _Stepper(stages, programs, clocks, returns, failures, pending)
+    contexts: dict[str, tuple[list, Any]] = {}  # stage -> (the contexts last stacked, the stack)
     for i in range(len(programs)):
         step(i, None, first=True)
     while pending:
         for stage, members in _groups(pending):
             calls = [pending[i] for i in members]
             start = time.perf_counter()
-            results = _run_group(stages[stage], calls)
+            results = _run_group(stages[stage], calls, contexts)
             seconds = time.perf_counter() - start
             for i, result in zip(members, results):
                 if clocks[i] is not None:
@@ -133,19 +134,35 @@ def _groups(pending: Mapping[int, StageCall]) -> list[tuple[str, list[int]]]:
     return sorted(groups.items())
 
 
-def _run_group(stage: Stage, calls: list[StageCall]) -> list[StageResult]:
+def _run_group(stage: Stage, calls: list[StageCall],
+               contexts: dict[str, tuple[list, Any]]) -> list[StageResult]:
     if len(calls) == 1:
         c = calls[0]
         return [stage.run(c.inputs, c.state, c.context)]
     sizes = [_batch_of(c) for c in calls]
     inputs = {name: stack_rows([c.inputs[name] for c in calls]) for name in calls[0].inputs}
     state = stage.stack_states([c.state for c in calls]) if calls[0].state is not None else None
-    context = stage.stack_states([c.context for c in calls]) if calls[0].context is not None else None
+    context = _stacked_context(stage, calls, contexts) if calls[0].context is not None else None
     outputs, next_state = stage.run(inputs, state, context)
     per_stream_out = _split_arrays(outputs, sizes)
     per_stream_state = stage.split_state(next_state, sizes) if next_state is not None else \
         [None] * len(calls)
     return list(zip(per_stream_out, per_stream_state))
+
+
+def _stacked_context(stage: Stage, calls: list[StageCall],
+                     contexts: dict[str, tuple[list, Any]]) -> Any:
+    """The calls' contexts stacked, reusing the last stack when they are the same objects in the
+    same order: a context is another stage's state, which stays put while the MT decoder writes
+    token after token (its 12 MiB of source K/V per stream would be copied again every round)."""
+    parts = [c.context for c in calls]
+    last = contexts.get(stage.name)
+    if last is not None and len(last[0]) == len(parts) and all(
+            a is b for a, b in zip(last[0], parts)):
+        return last[1]
+    stacked = stage.stack_states(parts)
+    contexts[stage.name] = (parts, stacked)
+    return stacked
 
 
 def _batch_of(call: StageCall) -> int:
@@ -160,26 +177,29 @@ def _split_arrays(arrays: Mapping[str, np.ndarray], sizes: list[int]) -> list[di
 
 
 def stack_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """Concatenate on axis 0, without a copy when the arrays are consecutive row slices that
-    together make up one array (what the previous call of the same group returned)."""
+    """Concatenate on axis 0, without a copy when the arrays are consecutive row slices of one
+    array (e.g. streams that a previous batched call returned together, in the same order): then
+    the result is a view of those rows."""
     first = arrays[0]
     base = first.base
-    if (isinstance(base, np.ndarray) and base.ndim == first.ndim
+    if (isinstance(base, np.ndarray) and base.ndim == first.ndim and base.flags.c_contiguous
             and all(a.base is base for a in arrays)):
-        rows = sum(a.shape[0] for a in arrays)
-        if rows == base.shape[0] and _consecutive(arrays, base):
-            return base
+        row = _consecutive_from(arrays, base)
+        if row is not None:
+            return base[row:row + sum(a.shape[0] for a in arrays)]
     return np.concatenate(arrays, axis=0)
 
 
-def _consecutive(arrays: Sequence[np.ndarray], base: np.ndarray) -> bool:
-    if not base.flags.c_contiguous:
-        return False
+def _consecutive_from(arrays: Sequence[np.ndarray], base: np.ndarray) -> int | None:
+    """The row of ``base`` where ``arrays`` start if they are its consecutive rows, else None."""
     row_bytes = base.strides[0]
     start = base.__array_interface__["data"][0]
-    position = start
+    position = arrays[0].__array_interface__["data"][0]
+    if row_bytes <= 0 or (position - start) % row_bytes:
+        return None
+    first_row = (position - start) // row_bytes
     for a in arrays:
         if not a.flags.c_contiguous or a.__array_interface__["data"][0] != position:
-            return False
+            return None
         position += a.shape[0] * row_bytes
-    return True
+    return first_row
