@@ -68,8 +68,7 @@ class OrtCudaStage(OrtStage):
 
     def state_from_host(self, arrays: Mapping[str, np.ndarray]) -> OrtDeviceState:
         """Upload a host state (zero, random, or one saved with :meth:`state_to_host`)."""
-        batch = check_host_feed(dataclasses.replace(self.contract, data_inputs=(), context=()),
-                                {}, arrays)
+        batch = self.check_host_state(arrays)
         current = {name: self._to_device(arrays[name]) for name in self.contract.state_names}
         spare = {s.name: self._to_device(np.zeros(s.concrete_shape(batch), s.dtype))
                  for s in self.contract.states}

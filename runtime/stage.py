@@ -81,8 +81,13 @@ class Stage(ABC):
 
     def state_from_host(self, arrays: Mapping[str, np.ndarray]) -> StageState:
         """The backend's state holding ``arrays`` (keyed by state name); host backends keep them."""
-        check_host_feed(dataclasses.replace(self.contract, data_inputs=(), context=()), {}, arrays)
+        self.check_host_state(arrays)
         return {name: arrays[name] for name in self.contract.state_names}
+
+    def check_host_state(self, arrays: Mapping[str, np.ndarray]) -> int:
+        """Check host state arrays against the contract (names, dtypes, shapes); their batch."""
+        return check_host_feed(dataclasses.replace(self.contract, data_inputs=(), context=()),
+                               {}, arrays)
 
 
 def grow_fifo_state(arrays: Mapping[str, np.ndarray], contract: StageContract

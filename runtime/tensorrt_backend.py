@@ -626,8 +626,7 @@ class TrtStage(Stage):
 
     def state_from_host(self, arrays: Mapping[str, np.ndarray]) -> TrtState:
         """Upload a host state (e.g. a random state for parity tests)."""
-        check_host_feed(dataclasses.replace(self.contract, data_inputs=(), context=()), {}, arrays)
-        batch = int(next(iter(arrays.values())).shape[0])
+        batch = self.check_host_state(arrays)
         state = TrtState(self.contract, batch, self._pool)
         for name, buf in state.current.items():
             buf.upload(arrays[name], self.stream)

@@ -299,4 +299,3 @@ class CTCTransformerUnitDecoder(nn.Module):
         next_state.update({name: torch.stack(c, dim=1) for name, c in cross.items()})
         next_state.update(t2u_keys=t2u_keys, t2u_values=t2u_values, text_positions=count + 1)
         return self._output(x), next_state
-
